@@ -1,0 +1,134 @@
+"""Checkpoints: nanoGPT's format (model, model_args, optimizer, iter_num, best_val_loss, config)
+plus our tokenizer and task data, written atomically and read without running pickled code."""
+
+import os
+import pickle
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from model.config import UserError
+from model.gpt import GPT, GPTConfig
+from model.tokenizer import CharTokenizer
+
+LATEST = Path("out") / "latest.txt"  # records the checkpoint train.py wrote last
+TRAIN_HINT = "train one first, e.g. python train.py configs/sort.py"
+
+
+def save_checkpoint(ckpt, path):
+    """Write to a temporary file beside `path`, then rename over it: a run killed while saving
+    leaves the previous checkpoint whole."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def record_latest(path):
+    LATEST.parent.mkdir(parents=True, exist_ok=True)
+    LATEST.write_text(str(Path(path).resolve()) + "\n", encoding="utf-8")
+
+
+def find_checkpoint(out_dir="", ckpt=""):
+    """The checkpoint file named by `ckpt`, or out_dir/ckpt.pt, or (neither given) the one
+    train.py wrote last. A missing one raises UserError saying how to make one."""
+    if ckpt:
+        path = Path(ckpt)
+    elif out_dir:
+        path = Path(out_dir)
+        path = path / "ckpt.pt" if path.is_dir() or not path.suffix else path
+    elif LATEST.is_file():
+        path = Path(LATEST.read_text(encoding="utf-8").strip())
+    else:
+        raise UserError(f"no checkpoint found (no --out_dir or --ckpt given, and no {LATEST}); {TRAIN_HINT}")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; {TRAIN_HINT}, or name another with --out_dir")
+    return path
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load with weights_only=True (no pickled code runs), and a clear error for a file
+    that is truncated, corrupted or not a checkpoint at all."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; {TRAIN_HINT}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises many kinds for a bad file; all mean the same to a user
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupted, or another kind "
+                        f"of file): {reason}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint: it lacks the 'model' and 'model_args' entries "
+                        f"that train.py (and nanoGPT) write")
+    return ckpt
+
+
+def clean_state_dict(state_dict):
+    """Our layout from what other tools save: no torch.compile '_orig_mod.' or DDP 'module.'
+    prefixes, and no causal-mask buffers (older nanoGPT and Hugging Face keep them)."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            k = k[len(prefix):] if k.startswith(prefix) else k
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        out[k] = v
+    return out
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """The GPT a checkpoint describes, with its weights. model_args that do not fit the weights
+    raise UserError naming the mismatch."""
+    known = {f.name for f in fields(GPTConfig)}
+    try:
+        config = GPTConfig(**{k: v for k, v in ckpt["model_args"].items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the checkpoint's model_args are invalid: {e}") from None
+    model = GPT(config)
+    state = clean_state_dict(ckpt["model"])
+    if "lm_head.weight" not in state and "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]  # tied; some tools save it once
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
+        raise UserError(f"the checkpoint's model_args {dict(ckpt['model_args'])} do not match its "
+                        f"weights: {' '.join(lines)[:400]}") from None
+    return model.to(device)
+
+
+def tokenizer_from_checkpoint(ckpt, meta=""):
+    """The checkpoint's character vocabulary, or (for a nanoGPT checkpoint, which has none) the
+    one in a nanoGPT meta.pkl. None when there is neither."""
+    if meta:
+        return tokenizer_from_meta(meta)
+    if "tokenizer" in ckpt:
+        return CharTokenizer.from_dict(ckpt["tokenizer"])
+    return None
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Loads only plain data (dicts, lists, strings, numbers): a meta.pkl cannot run code."""
+
+    def find_class(self, module, name):
+        raise UserError(f"meta file refers to {module}.{name}; only plain data (a dict with 'itos') is read")
+
+
+def tokenizer_from_meta(path):
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"meta file {path} not found")
+    try:
+        with open(p, "rb") as f:
+            meta = _PlainDataUnpickler(f).load()
+        itos = meta["itos"]
+        return CharTokenizer([itos[i] for i in range(len(itos))])
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path} is not a nanoGPT meta.pkl with an 'itos' vocabulary: {e}") from None

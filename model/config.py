@@ -1,0 +1,207 @@
+"""Configuration for train.py and sample.py: dataclasses of plain fields, filled from a config
+file (a Python file of plain assignments) and then from `--key=value` / `--key value` flags."""
+
+import ast
+import difflib
+import typing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+
+class UserError(ValueError):
+    """A mistake the user can fix; the command lines print its message without a traceback."""
+
+
+@dataclass
+class TrainConfig:
+    # output and evaluation
+    out_dir: str = "out"
+    eval_interval: int = 250  # evaluate, log and save a checkpoint every this many iterations
+    eval_iters: int = 20  # batches averaged for each train/val loss estimate
+    log_interval: int = 10
+    always_save_checkpoint: bool = True  # False: save only when the val loss improves
+    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir's checkpoint), or a checkpoint/out_dir to fine-tune
+    # data
+    task: str = "text"  # 'text' (a UTF-8 file or a folder of .txt files) or 'sort'
+    data: str = "data/chinese"
+    val_fraction: float = 0.1  # text: the end of the text held out for validation (0: evaluate on the training text)
+    sort_length: int = 6  # sort: letters per input
+    sort_alphabet: str = "ABC"
+    sort_holdout: float = 0.2  # sort: fraction of all inputs never trained on
+    stop_at_full_accuracy: bool = True  # sort: stop once every held-out input is sorted right
+    batch_size: int = 12
+    block_size: int = 64  # sort: follows from sort_length; fine-tune: 0 keeps the base model's
+    gradient_accumulation_steps: int = 1
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    gelu: str = "exact"  # 'exact' (erf) or 'tanh' (GPT-2's approximation)
+    attention: str = "sdpa"  # 'sdpa' (fused kernel) or 'explicit' (the maths written out)
+    # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
+    learning_rate: float = 1e-3
+    max_iters: int = 5000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    decay_lr: bool = True
+    warmup_iters: int = 100
+    lr_decay_iters: int = 5000
+    min_lr: float = 1e-4
+    # system
+    device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16', 'float64'
+    compile: bool = False
+    seed: int = 1337
+
+    def validate(self):
+        positive = ("eval_interval", "eval_iters", "log_interval", "batch_size",
+                    "gradient_accumulation_steps", "n_layer", "n_head", "n_embd", "sort_length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.block_size < 0 or (self.block_size == 0 and self.init_from in ("scratch", "resume")
+                                   and self.task != "sort"):
+            raise UserError(f"block_size must be at least 1, got {self.block_size}")
+        for name in ("learning_rate",):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be greater than 0, got {getattr(self, name)}")
+        for name in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                            f"pick n_embd a multiple of n_head")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 < self.sort_holdout < 1.0:
+            raise UserError(f"sort_holdout must be in (0, 1), got {self.sort_holdout}")
+        if self.task == "sort" and len(set(self.sort_alphabet)) < 2:
+            raise UserError(f"sort_alphabet needs at least 2 distinct letters, got {self.sort_alphabet!r}")
+        choices = {"task": ("text", "sort"), "gelu": ("exact", "tanh"), "attention": ("sdpa", "explicit"),
+                   "dtype": ("auto", "float32", "bfloat16", "float16", "float64")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = ""  # a training run's out_dir; empty: the checkpoint train.py wrote last
+    ckpt: str = ""  # a checkpoint file (instead of out_dir)
+    start: str = ""  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 3
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0: always the most likely token (greedy)
+    top_k: Optional[int] = None  # sample only among the k most likely tokens
+    top_p: float = 1.0  # sample only among the most likely tokens whose probabilities reach p
+    seed: int = 1337
+    device: str = "auto"
+    drop_unknown: bool = False  # drop prompt characters the vocabulary lacks instead of stopping
+    eval: bool = False  # sort checkpoints: exact-match accuracy over every input
+    kv_cache: bool = True
+    meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
+
+    def validate(self):
+        if self.temperature < 0:
+            raise UserError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"top_k must be at least 1 (or left unset), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must not be negative, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise UserError(f"num_samples must be at least 1, got {self.num_samples}")
+
+
+def load_config(cls, argv):
+    """Build a `cls` config from argv: an optional config file first, then --key=value or
+    --key value overrides. Unknown keys and values of the wrong type raise UserError."""
+    rest = list(argv)
+    values = read_config_file(rest.pop(0)) if rest and not rest[0].startswith("--") else {}
+    hints = typing.get_type_hints(cls)
+    flags = {k for k, t in hints.items() if t is bool}
+    for key, raw in parse_overrides(rest, flags).items():
+        # a str field takes the text as typed (--start=1.50 stays '1.50')
+        values[key] = raw if hints.get(key) is str else parse_literal(raw)
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, sorted(hints), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise UserError(f"unknown config key {key!r}{hint}")
+        values[key] = check_type(key, value, hints[key])
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+
+def read_config_file(path):
+    """Run a config file of plain assignments and return its names and values."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} not found (the built-in ones are in configs/)")
+    source = p.read_text(encoding="utf-8")
+    try:
+        code = compile(source, str(p), "exec")
+    except SyntaxError as e:
+        raise UserError(f"syntax error in config file {path}, line {e.lineno}: {e.msg}") from None
+    namespace = {}
+    exec(code, namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("_")}
+
+
+def parse_overrides(args, flags=()):
+    """['--a=1', '--b', 'x', '--c'] -> {'a': '1', 'b': 'x', 'c': 'True'}, the values as typed;
+    a key in `flags` (the bool fields) given alone means True."""
+    out = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or arg == "--":
+            raise UserError(f"expected --key=value or --key value, got {arg!r}")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq and key in flags and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+            raw = "True"
+        elif not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise UserError(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE")
+            raw = args[i + 1]
+            i += 1
+        out[key] = raw
+        i += 1
+    return out
+
+
+def parse_literal(raw):
+    """A Python literal (3, 1e-3, None, 'x') where the text is one, else the text itself."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def check_type(key, value, expected):
+    """Return `value` as `expected` (int is fine where a float is wanted) or raise UserError."""
+    if typing.get_origin(expected) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        expected = next(t for t in typing.get_args(expected) if t is not type(None))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{key}={value!r} has the wrong type: expected {expected.__name__}, "
+                    f"got {type(value).__name__}")
+
+
+def format_config(cfg):
+    return "\n".join(f"  {k} = {v!r}" for k, v in asdict(cfg).items())

@@ -1,0 +1,238 @@
+"""The GPT: a decoder-only Transformer in nanoGPT's layout.
+
+Read top to bottom: config, attention, MLP, block, then the GPT that stacks them.
+Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = C // nh.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+GELU_FORMS = ("exact", "tanh")  # exact: x * Phi(x) with erf; tanh: GPT-2's approximation
+ATTENTION_FORMS = ("sdpa", "explicit")  # fused kernel, or the maths written out
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the model reads (number of position embeddings)
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers
+    gelu: str = "exact"
+    attention: str = "sdpa"
+
+    def __post_init__(self):
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head gets "
+                f"n_embd // n_head channels; pick n_embd a multiple of n_head "
+                f"(e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.gelu not in GELU_FORMS:
+            raise ValueError(f"gelu must be one of {GELU_FORMS}, got {self.gelu!r}")
+        if self.attention not in ATTENTION_FORMS:
+            raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {self.attention!r}")
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so generation feeds one new
+    token per step instead of the whole sequence. Each layer's store is (B, nh, block_size, hs)."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, hs)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # tokens stored so far (the position of the next token)
+
+    def append(self, layer, k, v):
+        """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""
+        end = self.length + k.size(2)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.attention = config.attention
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # Q, K, V at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # heads joined -> C
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        """x: (B, T, C) -> (B, T, C). With a kv_cache, x holds only the new tokens."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # split the channels into heads: (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            k, v = kv_cache.append(layer, k, v)  # (B, nh, past + T, hs)
+        if self.attention == "explicit":
+            y = self.explicit_attention(q, k, v, past)
+        else:
+            y = self.sdpa_attention(q, k, v, past)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # join the heads again
+        return self.resid_dropout(self.c_proj(y))
+
+    def explicit_attention(self, q, k, v, past):
+        """softmax(Q K^T / sqrt(hs) + causal mask) V, written out. q: (B, nh, T, hs), k, v: (B, nh, past + T, hs)."""
+        T, S = q.size(2), k.size(2)
+        scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
+        # query t sits at position past + t and may look at keys 0 .. past + t, never ahead
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        att = F.softmax(scores, dim=-1)
+        att = self.attn_dropout(att)
+        return att @ v  # (B, nh, T, hs)
+
+    def sdpa_attention(self, q, k, v, past):
+        """The same maths through PyTorch's fused kernel (flash attention where available)."""
+        dropout = self.dropout if self.training else 0.0
+        T, S = q.size(2), k.size(2)
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if T == 1:  # one new token sees every cached key: no mask needed
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+class MLP(nn.Module):
+    """The feed-forward layer: C -> 4C, GELU, 4C -> C."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the LM head reads the vocabulary with the token embedding matrix
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled down so the residual stream's variance stays put
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        """Parameters counted once (the tied LM head is the token embedding). With
+        non_embedding=True the position embedding is left out, as nanoGPT reports."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx: (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy over
+        targets (B, T) that are not -1 (None without targets). With a kv_cache, idx holds only
+        the tokens after the cached ones and they take the positions after them."""
+        past = kv_cache.length if kv_cache is not None else 0
+        self._check_input(idx, past)
+        B, T = idx.size()
+        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
+        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def _check_input(self, idx, past):
+        if torch.compiler.is_compiling():
+            return
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
+        T = idx.size(1)
+        if past + T > self.config.block_size:
+            raise ValueError(
+                f"input of length {past + T} is longer than block_size={self.config.block_size}; "
+                f"crop it to its last {self.config.block_size} tokens")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            bad = sorted({int(i) for i in idx.flatten().tolist() if not 0 <= i < self.config.vocab_size})
+            raise ValueError(
+                f"token ids {bad[:10]} are outside the vocabulary [0, {self.config.vocab_size})")
+
+    def new_kv_cache(self, batch_size):
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, p.device, p.dtype)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on matrices and embeddings (2+ dims) only, never on biases
+        or LayerNorm gains. Fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")

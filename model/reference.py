@@ -1,0 +1,312 @@
+"""The GPT in plain NumPy (float64): forward, backward and one AdamW step.
+
+One small function per step of the Transformer explainers, each forward with its backward
+right below it. Everything here is what `model/gpt.py` computes; the tests hold the two
+together number by number. No torch is imported here.
+
+Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = C // nh, V = vocab_size.
+Parameters are the model's state_dict as NumPy arrays (nanoGPT names; a Linear weight is
+(out, in), so a linear layer is x @ W.T + b).
+"""
+
+import math
+
+import numpy as np
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+# ---- embeddings ---------------------------------------------------------------------------
+
+def embed_tokens(idx, wte):
+    """Token embedding lookup: row idx[b, t] of wte (V, C). (B, T) -> (B, T, C)."""
+    return wte[idx]
+
+
+def embed_tokens_backward(dx, idx, vocab_size):
+    """d wte: each token's row collects the gradients of every place it appears. -> (V, C)."""
+    dwte = np.zeros((vocab_size, dx.shape[-1]))
+    np.add.at(dwte, idx, dx)
+    return dwte
+
+
+def embed_positions(T, wpe):
+    """Position embedding: rows 0 .. T-1 of wpe (block_size, C). -> (T, C), added to every sequence."""
+    return wpe[:T]
+
+
+def embed_positions_backward(dx, block_size):
+    """d wpe: position t collects the gradients of position t over the batch. -> (block_size, C)."""
+    dwpe = np.zeros((block_size, dx.shape[-1]))
+    dwpe[:dx.shape[1]] = dx.sum(axis=0)
+    return dwpe
+
+
+# ---- layer norm ---------------------------------------------------------------------------
+
+def layer_norm(x, w, b, eps=1e-5):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last axis (C). (..., C) -> (..., C)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = x.var(axis=-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps) * w
+    return y + b if b is not None else y
+
+
+def layer_norm_backward(dy, x, w, eps=1e-5):
+    """With xhat = (x - mean) / s, s = sqrt(var + eps), and g = dy * w:
+    dx = (g - mean(g) - xhat * mean(g * xhat)) / s;  dw = sum(dy * xhat);  db = sum(dy)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    s = np.sqrt(x.var(axis=-1, keepdims=True) + eps)
+    xhat = (x - mean) / s
+    g = dy * w
+    dx = (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True)) / s
+    axes = tuple(range(dy.ndim - 1))
+    return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
+
+
+# ---- linear layers ------------------------------------------------------------------------
+
+def linear(x, W, b):
+    """y = x W^T + b. x: (..., in), W: (out, in) -> (..., out)."""
+    y = x @ W.T
+    return y + b if b is not None else y
+
+
+def linear_backward(dy, x, W):
+    """dx = dy W;  dW = dy^T x (summed over every row);  db = sum(dy)."""
+    dx = dy @ W
+    dW = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    return dx, dW, dy.reshape(-1, dy.shape[-1]).sum(axis=0)
+
+
+# ---- attention ----------------------------------------------------------------------------
+
+def split_qkv(qkv):
+    """The c_attn output (B, T, 3C) holds Q, K and V side by side -> three (B, T, C)."""
+    return np.split(qkv, 3, axis=-1)
+
+
+def split_heads(x, n_head):
+    """(B, T, C) -> (B, nh, T, hs): each head works on its own hs channels."""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(B, nh, T, hs) -> (B, T, C): the heads' outputs side by side again."""
+    B, nh, T, hs = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)
+
+
+def attention_scores(q, k):
+    """scores = Q K^T / sqrt(hs): how well each query matches each key. -> (B, nh, T, T)."""
+    return q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])
+
+
+def attention_scores_backward(dscores, q, k):
+    """dQ = dscores K / sqrt(hs);  dK = dscores^T Q / sqrt(hs)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return dscores @ k * scale, dscores.swapaxes(-1, -2) @ q * scale
+
+
+def causal_mask(scores):
+    """Set scores[t, s] = -inf for s > t: a position never looks at the positions after it."""
+    T = scores.shape[-1]
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    return np.where(future, -np.inf, scores)
+
+
+def softmax(x):
+    """exp(x - max) / sum(exp(x - max)) over the last axis (subtracting the max keeps exp finite)."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def softmax_backward(dp, p):
+    """dx = p * (dp - sum(dp * p)) over the last axis; masked entries have p = 0 and get 0."""
+    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+
+
+def attend(att, v):
+    """Weighted sum of the values: y = att V. (B, nh, T, T) x (B, nh, T, hs) -> (B, nh, T, hs)."""
+    return att @ v
+
+
+def attend_backward(dy, att, v):
+    """datt = dy V^T;  dV = att^T dy."""
+    return dy @ v.swapaxes(-1, -2), att.swapaxes(-1, -2) @ dy
+
+
+# ---- feed-forward -------------------------------------------------------------------------
+
+def gelu(x, form="exact"):
+    """exact: x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2));
+    tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's approximation."""
+    if form == "tanh":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def gelu_backward(dy, x, form="exact"):
+    """exact: d/dx x Phi(x) = Phi(x) + x phi(x);
+    tanh: 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    if form == "tanh":
+        u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)
+        th = np.tanh(u)
+        du = math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x ** 2)
+        return dy * (0.5 * (1.0 + th) + 0.5 * x * (1.0 - th ** 2) * du)
+    cdf = 0.5 * (1.0 + _erf(x / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * x ** 2) / math.sqrt(2.0 * math.pi)
+    return dy * (cdf + x * pdf)
+
+
+# ---- loss ---------------------------------------------------------------------------------
+
+def cross_entropy(logits, targets):
+    """Mean of -log softmax(logits)[target] over the positions whose target is not -1."""
+    keep = targets != -1
+    z = logits[keep]
+    logp = z - z.max(axis=-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(axis=-1, keepdims=True))
+    return -logp[np.arange(len(z)), targets[keep]].mean()
+
+
+def cross_entropy_backward(logits, targets):
+    """dlogits = (softmax(logits) - onehot(target)) / N at the N kept positions, 0 at ignored ones."""
+    keep = targets != -1
+    dlogits = softmax(logits)
+    dlogits[keep, targets[keep]] -= 1.0
+    dlogits[~keep] = 0.0
+    return dlogits / keep.sum()
+
+
+# ---- the whole model ----------------------------------------------------------------------
+
+def forward(params, config, idx, targets=None):
+    """The GPT forward pass. idx, targets: (B, T) int arrays. Returns logits (B, T, V), the loss
+    (None without targets) and `acts`, every intermediate by name, for backward() and for
+    anyone who wants to look inside. `config` needs n_layer, n_head, gelu and bias-free
+    parameters simply absent from `params`."""
+    B, T = idx.shape
+    P = lambda name: params.get(name)  # noqa: E731  (a missing bias is None)
+    acts = {"idx": idx}
+    x = embed_tokens(idx, P("transformer.wte.weight")) + embed_positions(T, P("transformer.wpe.weight"))
+    acts["x0"] = x
+    for i in range(config.n_layer):
+        h = f"transformer.h.{i}."
+        a = {"x_in": x}
+        a["ln_1"] = layer_norm(x, P(h + "ln_1.weight"), P(h + "ln_1.bias"))
+        a["qkv"] = linear(a["ln_1"], P(h + "attn.c_attn.weight"), P(h + "attn.c_attn.bias"))
+        q, k, v = split_qkv(a["qkv"])
+        a["q"], a["k"], a["v"] = (split_heads(t, config.n_head) for t in (q, k, v))
+        a["scores"] = attention_scores(a["q"], a["k"])
+        a["masked"] = causal_mask(a["scores"])
+        a["att"] = softmax(a["masked"])
+        a["y_heads"] = attend(a["att"], a["v"])
+        a["y"] = merge_heads(a["y_heads"])
+        a["attn_out"] = linear(a["y"], P(h + "attn.c_proj.weight"), P(h + "attn.c_proj.bias"))
+        a["x_mid"] = x = x + a["attn_out"]  # residual add
+        a["ln_2"] = layer_norm(x, P(h + "ln_2.weight"), P(h + "ln_2.bias"))
+        a["fc"] = linear(a["ln_2"], P(h + "mlp.c_fc.weight"), P(h + "mlp.c_fc.bias"))
+        a["gelu"] = gelu(a["fc"], config.gelu)
+        a["mlp_out"] = linear(a["gelu"], P(h + "mlp.c_proj.weight"), P(h + "mlp.c_proj.bias"))
+        a["x_out"] = x = x + a["mlp_out"]  # residual add
+        acts[f"layer{i}"] = a
+    acts["ln_f"] = layer_norm(x, P("transformer.ln_f.weight"), P("transformer.ln_f.bias"))
+    logits = acts["ln_f"] @ P("transformer.wte.weight").T  # LM head tied to the token embedding
+    acts["logits"] = logits
+    loss = cross_entropy(logits, targets) if targets is not None else None
+    return logits, loss, acts
+
+
+def backward(params, config, acts, targets):
+    """Gradients of the mean cross-entropy with respect to every parameter, by name (the
+    tied LM head's gradient is added into transformer.wte.weight, as autograd does)."""
+    P = lambda name: params.get(name)  # noqa: E731
+    grads = {}
+
+    def put(name, g):
+        if name in params:
+            grads[name] = grads.get(name, 0.0) + g
+
+    idx = acts["idx"]
+    dlogits = cross_entropy_backward(acts["logits"], targets)
+    wte = P("transformer.wte.weight")
+    put("transformer.wte.weight", dlogits.reshape(-1, wte.shape[0]).T @ acts["ln_f"].reshape(-1, wte.shape[1]))
+    dln_f = dlogits @ wte
+    x_last = acts[f"layer{config.n_layer - 1}"]["x_out"] if config.n_layer else acts["x0"]
+    dx, dw, db = layer_norm_backward(dln_f, x_last, P("transformer.ln_f.weight"))
+    put("transformer.ln_f.weight", dw)
+    put("transformer.ln_f.bias", db)
+    for i in reversed(range(config.n_layer)):
+        h = f"transformer.h.{i}."
+        a = acts[f"layer{i}"]
+        # x_out = x_mid + mlp(ln_2(x_mid)): the residual passes dx through unchanged
+        dgelu, dW, db = linear_backward(dx, a["gelu"], P(h + "mlp.c_proj.weight"))
+        put(h + "mlp.c_proj.weight", dW)
+        put(h + "mlp.c_proj.bias", db)
+        dfc = gelu_backward(dgelu, a["fc"], config.gelu)
+        dln_2, dW, db = linear_backward(dfc, a["ln_2"], P(h + "mlp.c_fc.weight"))
+        put(h + "mlp.c_fc.weight", dW)
+        put(h + "mlp.c_fc.bias", db)
+        dx_norm, dw, db = layer_norm_backward(dln_2, a["x_mid"], P(h + "ln_2.weight"))
+        put(h + "ln_2.weight", dw)
+        put(h + "ln_2.bias", db)
+        dx = dx + dx_norm
+        # x_mid = x_in + attn(ln_1(x_in))
+        dy, dW, db = linear_backward(dx, a["y"], P(h + "attn.c_proj.weight"))
+        put(h + "attn.c_proj.weight", dW)
+        put(h + "attn.c_proj.bias", db)
+        dy_heads = split_heads(dy, config.n_head)
+        datt, dv = attend_backward(dy_heads, a["att"], a["v"])
+        dscores = softmax_backward(datt, a["att"])  # the mask's -inf entries pass no gradient
+        dq, dk = attention_scores_backward(dscores, a["q"], a["k"])
+        dqkv = np.concatenate([merge_heads(t) for t in (dq, dk, dv)], axis=-1)
+        dln_1, dW, db = linear_backward(dqkv, a["ln_1"], P(h + "attn.c_attn.weight"))
+        put(h + "attn.c_attn.weight", dW)
+        put(h + "attn.c_attn.bias", db)
+        dx_norm, dw, db = layer_norm_backward(dln_1, a["x_in"], P(h + "ln_1.weight"))
+        put(h + "ln_1.weight", dw)
+        put(h + "ln_1.bias", db)
+        dx = dx + dx_norm
+    put("transformer.wte.weight", embed_tokens_backward(dx, idx, wte.shape[0]))
+    put("transformer.wpe.weight", embed_positions_backward(dx, P("transformer.wpe.weight").shape[0]))
+    return grads
+
+
+# ---- one optimizer step -------------------------------------------------------------------
+
+def clip_grad_norm(grads, max_norm):
+    """Scale every gradient by min(1, max_norm / (||g|| + 1e-6)), ||g|| over all of them at once.
+    Returns the norm before clipping (as torch.nn.utils.clip_grad_norm_ does)."""
+    total = math.sqrt(sum(float((g ** 2).sum()) for g in grads.values()))
+    scale = min(1.0, max_norm / (total + 1e-6))
+    for name in grads:
+        grads[name] = grads[name] * scale
+    return total
+
+
+def adamw_step(params, grads, state, lr, weight_decay, beta1, beta2, eps=1e-8):
+    """One AdamW step, in place on `params`. Decay is decoupled (p -= lr * wd * p) and applies
+    only to tensors with 2+ dims, as the project's optimizer groups them:
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+        p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    `state` holds step count t and m, v per parameter; start it as {}."""
+    t = state["step"] = state.get("step", 0) + 1
+    for name, g in grads.items():
+        p = params[name]
+        m = state.setdefault("m", {}).setdefault(name, np.zeros_like(p))
+        v = state.setdefault("v", {}).setdefault(name, np.zeros_like(p))
+        if p.ndim >= 2:
+            p *= 1.0 - lr * weight_decay
+        m[:] = beta1 * m + (1.0 - beta1) * g
+        v[:] = beta2 * v + (1.0 - beta2) * g * g
+        m_hat = m / (1.0 - beta1 ** t)
+        v_hat = v / (1.0 - beta2 ** t)
+        p -= lr * m_hat / (np.sqrt(v_hat) + eps)
+
+
+def params_from_state_dict(state_dict):
+    """The model's state_dict as float64 NumPy arrays. The tied lm_head.weight is left out:
+    the reference reads the LM head from transformer.wte.weight, so there is one copy to train."""
+    return {k: np.array(v, dtype=np.float64) for k, v in state_dict.items() if k != "lm_head.weight"}

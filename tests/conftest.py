@@ -1,0 +1,72 @@
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from model.gpt import GPT, GPTConfig  # noqa: E402
+
+SORT_MODEL = dict(n_layer=3, n_head=3, n_embd=48, vocab_size=3, block_size=11, bias=True)
+
+
+def random_model(seed=0, dtype=torch.float64, **kw):
+    """A GPT with every parameter random, LayerNorm gains and biases too (the default 1s and
+    0s would hide mistakes in how they are applied)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**kw)).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name or "ln_f" in name or name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
+    return model.eval()
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in an empty folder (train.py writes out/latest.txt relative to it)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@contextlib.contextmanager
+def working_dir(path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(old)
+
+
+def train_args(config, out_dir, *overrides):
+    """Arguments for a built-in config, writing to out_dir and reading the shipped data."""
+    return [str(ROOT / "configs" / config), f"--out_dir={out_dir}", f"--data={ROOT / 'data' / 'chinese'}",
+            *overrides]
+
+
+def run_training(config, out_dir, *overrides):
+    from model.config import TrainConfig, load_config
+    from model.trainer import train
+    return train(load_config(TrainConfig, train_args(config, out_dir, *overrides)))
+
+
+@pytest.fixture(scope="session")
+def trained_sort(tmp_path_factory):
+    """configs/sort.py trained as shipped (it stops at 100% held-out): (folder, summary)."""
+    base = tmp_path_factory.mktemp("sort")
+    with working_dir(base):
+        summary = run_training("sort.py", base / "out" / "sort")
+    return base, summary
+
+
+@pytest.fixture(scope="session")
+def trained_chinese(tmp_path_factory):
+    base = tmp_path_factory.mktemp("chinese")
+    with working_dir(base):
+        summary = run_training("chinese.py", base / "out" / "chinese")
+    return base, summary

@@ -1,0 +1,138 @@
+"""Sampling maths, the KV cache, and sample.py."""
+
+import pytest
+import torch
+
+import sample as sample_cli
+from conftest import random_model, working_dir
+from model.sampling import generate, next_token_probs, sample_next_token
+
+
+def test_temperature_scales_logits_before_softmax():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    e = [2.718281828459045 ** (x / 0.5) for x in (1.0, 2.0, 3.0)]
+    expected = torch.tensor([[v / sum(e) for v in e]])
+    torch.testing.assert_close(next_token_probs(logits, temperature=0.5), expected)
+
+
+def test_temperature_zero_is_argmax_whatever_the_seed():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    for seed in range(5):
+        ids = sample_next_token(logits, temperature=0, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(ids[:, 0], logits.argmax(-1))
+
+
+def test_top_k_never_leaves_the_k_most_likely():
+    logits = torch.randn(1, 20, generator=torch.Generator().manual_seed(1))
+    allowed = set(logits[0].topk(3).indices.tolist())
+    g = torch.Generator().manual_seed(0)
+    drawn = {sample_next_token(logits, 2.0, top_k=3, generator=g).item() for _ in range(300)}
+    assert drawn <= allowed and len(drawn) == 3
+    assert torch.equal(next_token_probs(logits, 1.0, top_k=1000), next_token_probs(logits, 1.0)), "k > V is clamped"
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = lambda p: (next_token_probs(logits, 1.0, top_p=p)[0] > 0).tolist()  # noqa: E731
+    assert kept(0.5) == [True, False, False, False]
+    assert kept(0.8) == [True, True, False, False]
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(1.0) == [True] * 4
+    torch.testing.assert_close(next_token_probs(logits, 1.0, top_p=0.8), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+
+
+def test_same_seed_same_output():
+    model = random_model(n_layer=1, n_head=2, n_embd=16, vocab_size=10, block_size=8, dtype=torch.float32)
+    run = lambda s: generate(model, torch.zeros(2, 1, dtype=torch.long), 20, 1.0,  # noqa: E731
+                             generator=torch.Generator().manual_seed(s))
+    assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 8, 13])
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_kv_cache_gives_the_same_tokens(prompt_len, attention):
+    """Greedy with and without the cache, for prompts shorter and longer than block_size=8,
+    running far past block_size (the window shifts several times)."""
+    model = random_model(seed=prompt_len, n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8,
+                         attention=attention)
+    prompt = torch.randint(11, (3, prompt_len), generator=torch.Generator().manual_seed(0))
+    cached = generate(model, prompt, 30, temperature=0.0, use_cache=True)
+    plain = generate(model, prompt, 30, temperature=0.0, use_cache=False)
+    assert torch.equal(cached, plain)
+
+
+def test_cached_logits_equal_full_recompute():
+    model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8)
+    idx = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(0))
+    full, _ = model(idx)
+    cache = model.new_kv_cache(2)
+    parts = [model(idx[:, :5], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-12)
+
+
+# ---- sample.py ----------------------------------------------------------------------------
+
+def test_sort_start_prints_the_answer(trained_sort, capsys):
+    base, _ = trained_sort
+    with working_dir(base):
+        assert sample_cli.main(["--start", "CBABBC"]) == 0, "uses the checkpoint train.py wrote last"
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "CBABBC -> ABBBCC"
+    assert "out/sort/ckpt.pt" in captured.err, "says which checkpoint it uses"
+
+
+def test_sort_random_inputs_and_eval(trained_sort, capsys):
+    base, _ = trained_sort
+    assert sample_cli.main([f"--out_dir={base / 'out' / 'sort'}", "--num_samples=5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and all("(right;" in ln or "(wrong" in ln for ln in lines)
+    assert sample_cli.main([f"--out_dir={base / 'out' / 'sort'}", "--eval"]) == 0
+    out = capsys.readouterr().out
+    assert "held-out inputs: 100.0% of 146" in out and "training inputs:" in out and "of 583" in out
+
+
+def test_text_samples_stream_and_are_seeded(trained_chinese, capsys):
+    base, _ = trained_chinese
+    args = [f"--out_dir={base / 'out' / 'chinese'}", "--start=天行健", "--max_new_tokens=21", "--num_samples=1"]
+    assert sample_cli.main(args + ["--temperature=0"]) == 0
+    assert capsys.readouterr().out.startswith("天行健,君子以自强不息,地势坤,君子以厚德载物。")
+    sample_cli.main(args + ["--temperature=1.5", "--seed=7"])
+    first = capsys.readouterr().out
+    sample_cli.main(args + ["--temperature=1.5", "--seed=7"])
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature=-1"], "temperature must be 0 (greedy) or more, got -1.0"),
+    (["--top_p=0"], "top_p must be in (0, 1], got 0.0"),
+    (["--top_p=1.5"], "top_p must be in (0, 1], got 1.5"),
+    (["--top_k=0"], "top_k must be at least 1"),
+    (["--max_new_tokens=-5"], "max_new_tokens must not be negative, got -5"),
+    (["--start=天行x"], "1 character(s) not in the vocabulary: 'x'; change the text, or pass --drop_unknown=True"),
+])
+def test_bad_flags_are_clear_errors(trained_chinese, capsys, args, message):
+    base, _ = trained_chinese
+    assert sample_cli.main([f"--out_dir={base / 'out' / 'chinese'}", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_drop_unknown_and_long_prompt(trained_chinese, capsys):
+    base, _ = trained_chinese
+    out_dir = f"--out_dir={base / 'out' / 'chinese'}"
+    assert sample_cli.main([out_dir, "--start=天x行健", "--drop_unknown", "--max_new_tokens=3", "--temperature=0"]) == 0
+    assert capsys.readouterr().out.startswith("天行健,君子")
+    long = "白日依山尽,黄河入海流。\n" * 3
+    assert sample_cli.main([out_dir, f"--start={long}", "--max_new_tokens=2", "--num_samples=1"]) == 0
+    assert "the prompt has 39 tokens; the model reads its last 24 (block_size)" in capsys.readouterr().err
+
+
+def test_no_checkpoint_says_how_to_train_one(capsys, in_tmp):
+    assert sample_cli.main([]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint found" in err and "python train.py configs/sort.py" in err
+
+
+def test_sort_start_must_be_valid(trained_sort, capsys):
+    base, _ = trained_sort
+    assert sample_cli.main([f"--out_dir={base / 'out' / 'sort'}", "--start=CBAD"]) == 2
+    assert "--start must be 6 letters from ABC, got 'CBAD'" in capsys.readouterr().err

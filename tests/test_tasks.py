@@ -1,0 +1,79 @@
+"""The sort task's data format and split, text preparation, and the character tokenizer."""
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import UserError
+from model.tasks import SortTask, TextTask, read_text
+from model.tokenizer import CharTokenizer
+
+
+def test_sort_example_format():
+    task = SortTask()
+    assert task.tokenizer.itos == ["A", "B", "C"] and task.block_size == 11
+    letters = torch.tensor([task.tokenizer.encode("CBABBC")])
+    x, y = task.examples(task.numbers(letters))
+    assert task.tokenizer.decode(x[0].tolist()) == "CBABBCABBBC", "x is the input then the answer minus its last letter"
+    assert y[0, :5].tolist() == [-1] * 5, "the 5 targets on input positions are ignored"
+    assert task.tokenizer.decode(y[0, 5:].tolist()) == "ABBBCC", "the other 6 targets are the sorted letters"
+
+
+def test_sort_split_is_fixed_disjoint_and_20_percent():
+    a, b = SortTask(seed=1337), SortTask(seed=1337)
+    held, train = set(a.splits["val"].tolist()), set(a.splits["train"].tolist())
+    assert len(held) == 146 and len(train) == 583 and not held & train and len(held | train) == 729
+    assert torch.equal(a.splits["val"], b.splits["val"]), "same seed, same split"
+    assert held != set(SortTask(seed=1).splits["val"].tolist())
+    g = torch.Generator().manual_seed(0)
+    x, _ = a.get_batch("train", 512, g)
+    assert not set(a.numbers(x[:, :6]).tolist()) & held, "a training batch holds a held-out input"
+    rebuilt = SortTask.from_state(a.state())
+    assert torch.equal(rebuilt.splits["train"], a.splits["train"])
+
+
+def test_sort_length_and_alphabet_are_configurable():
+    task = SortTask(length=10, alphabet="ABCDE")
+    assert task.block_size == 19 and task.tokenizer.vocab_size == 5
+    x, y = task.get_batch("train", 4, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 19) and (y[:, :9] == -1).all()
+    assert torch.equal(y[:, 9:], x[:, :10].sort(dim=1).values)
+
+
+def test_tokenizer_vocabulary_and_extension():
+    text = "白日依山尽,\n白日"
+    tok = CharTokenizer.from_text(text)
+    assert tok.itos == sorted(set(text)) and "\n" in tok.itos
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode_array(text).tolist() == tok.encode(text)
+    bigger = tok.extend("山高月小")
+    assert bigger.itos[:tok.vocab_size] == tok.itos, "existing characters keep their ids"
+    assert bigger.itos[tok.vocab_size:] == ["小", "月", "高"]
+    assert CharTokenizer.from_dict(bigger.to_dict()) == bigger
+    with pytest.raises(UserError, match=r"2 character\(s\) not in the vocabulary: 'x', 'y'"):
+        tok.encode("白xy")
+    assert tok.encode("白xy", drop_unknown=True) == tok.encode("白")
+    with pytest.raises(UserError, match="'z'"):
+        tok.encode_array("白z")
+
+
+def test_text_batches_are_shifted_by_one(tmp_path):
+    text = "abcdefghij" * 5
+    task = TextTask(text, CharTokenizer.from_text(text), tmp_path, block_size=8, val_fraction=0.2)
+    x, y = task.get_batch("train", 6, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (6, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    assert len(task.data["val"]) == 10 and len(task.data["train"]) == 40
+
+
+def test_text_errors(tmp_path):
+    tok = CharTokenizer(list("ab"))
+    with pytest.raises(UserError, match="the text is empty"):
+        TextTask("", tok, tmp_path, 8, 0.1)
+    with pytest.raises(UserError, match=r"too short: its training part has 5 characters and block_size=8 needs at least 9"):
+        TextTask("ababa", tok, tmp_path, 8, 0.0)
+    bad = tmp_path / "gbk.txt"
+    bad.write_bytes("你好".encode("utf-8") + "世界".encode("gbk"))
+    with pytest.raises(UserError, match=r"gbk.txt is not UTF-8 text: byte 6 \(0xca\)"):
+        read_text(bad)
+    with pytest.raises(UserError, match="not found"):
+        read_text(tmp_path / "missing.txt")
