@@ -307,6 +307,6 @@ def adamw_step(params, grads, state, lr, weight_decay, beta1, beta2, eps=1e-8):
 
 
 def params_from_state_dict(state_dict):
-    """The model's state_dict as float64 NumPy arrays. The tied lm_head.weight is left out:
+    """The model's state_dict (torch tensors) as float64 NumPy arrays. The tied lm_head.weight is left out:
     the reference reads the LM head from transformer.wte.weight, so there is one copy to train."""
-    return {k: np.array(v, dtype=np.float64) for k, v in state_dict.items() if k != "lm_head.weight"}
+    return {k: v.detach().cpu().double().numpy().copy() for k, v in state_dict.items() if k != "lm_head.weight"}
