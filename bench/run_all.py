@@ -1,0 +1,24 @@
+"""Every benchmark, one after the other (about 2 minutes on a 2-core CPU):
+
+    python bench/run_all.py
+
+Tables are printed; JSON and Markdown land in bench/results/.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCRIPTS = ["train_speed.py", "sample_speed.py", "sort_time.py"]
+
+
+def main():
+    failed = [s for s in SCRIPTS if subprocess.run([sys.executable, str(HERE / s)]).returncode != 0]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
