@@ -64,8 +64,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.block_size < 0 or (self.block_size == 0 and self.init_from in ("scratch", "resume")
-                                   and self.task != "sort"):
+        if self.block_size < 0 or (self.block_size == 0 and self.init_from == "scratch" and self.task != "sort"):
             raise UserError(f"block_size must be at least 1, got {self.block_size}")
         for name in ("learning_rate",):
             if getattr(self, name) <= 0:

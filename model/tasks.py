@@ -6,7 +6,8 @@ with -1 where no loss is taken.
 
 import hashlib
 import json
-import warnings
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,11 +137,11 @@ class TextTask:
                             f"smaller --block_size")
         if n_val < block_size + 1:
             if val_fraction > 0:
-                warnings.warn(
-                    f"the validation split has {n_val} characters, fewer than block_size + 1 = "
-                    f"{block_size + 1}; the val loss is measured on the training text instead. To fix "
-                    f"it, raise --val_fraction (to about {min(0.5, (block_size + 1) / (n_train + n_val) * 2):.2f}) "
-                    f"or lower --block_size (below {n_val})", stacklevel=2)
+                enough = math.ceil(100 * (block_size + 2) / (n_train + n_val)) / 100
+                print(f"warning: the validation split has {n_val} characters, fewer than block_size + 1 = "
+                      f"{block_size + 1}; the val loss is measured on the training text instead. To fix "
+                      f"it, raise --val_fraction (to {enough:.2f} or more) or lower --block_size "
+                      f"(to {max(1, n_val - 1)} or less)", file=sys.stderr)
             self.data["val"] = self.data["train"]
 
     def get_batch(self, split, batch_size, generator):

@@ -1,11 +1,13 @@
 """The sort task's data format and split, text preparation, and the character tokenizer."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from model.config import UserError
-from model.tasks import SortTask, TextTask, read_text
+from model.tasks import SortTask, TextTask, prepare_tokens, read_text
 from model.tokenizer import CharTokenizer
 
 
@@ -77,3 +79,37 @@ def test_text_errors(tmp_path):
         read_text(bad)
     with pytest.raises(UserError, match="not found"):
         read_text(tmp_path / "missing.txt")
+
+
+def test_small_validation_split_warns_with_a_fix(tmp_path, capsys):
+    text = "abcdefghij" * 5
+    task = TextTask(text, CharTokenizer.from_text(text), tmp_path, block_size=8, val_fraction=0.1)
+    err = capsys.readouterr().err
+    assert "warning: the validation split has 5 characters, fewer than block_size + 1 = 9" in err
+    assert "--val_fraction (to 0.20 or more) or lower --block_size (to 4 or less)" in err
+    assert task.data["val"] is task.data["train"], "the val loss falls back to the training text"
+    TextTask(text, CharTokenizer.from_text(text), tmp_path / "b", block_size=8, val_fraction=0.2)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_prepared_tokens_are_reused_until_the_text_changes(tmp_path):
+    text = "白日依山尽,黄河入海流。" * 4
+    tok = CharTokenizer.from_text(text)
+    first = prepare_tokens(text, tok, tmp_path, 0.25)
+    stamp = (tmp_path / "train.bin").stat().st_mtime_ns
+    time.sleep(0.01)
+    again = prepare_tokens(text, tok, tmp_path, 0.25)
+    assert (tmp_path / "train.bin").stat().st_mtime_ns == stamp, "same text: the prepared files are reused"
+    assert np.array_equal(first["train"], again["train"]) and first["train"].dtype == np.uint16
+    changed = text.replace("黄河", "长江")
+    prepare_tokens(changed, CharTokenizer.from_text(changed), tmp_path, 0.25)
+    assert (tmp_path / "train.bin").stat().st_mtime_ns != stamp, "a changed text is prepared again"
+    assert isinstance(again["train"], np.memmap), "read back memory-mapped, not held in memory"
+
+
+def test_vocabularies_past_65535_use_uint32(tmp_path):
+    text = "".join(chr(0x10000 + i) for i in range(70_000)) * 2
+    tok = CharTokenizer.from_text(text)
+    data = prepare_tokens(text, tok, tmp_path, 0.0)
+    assert data["train"].dtype == np.uint32 and tok.vocab_size == 70_000
+    assert tok.decode(data["train"][69_990:70_010]) == text[69_990:70_010]
