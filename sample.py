@@ -25,9 +25,9 @@ def load_model(cfg):
     model = model_from_checkpoint(ckpt, device).eval()
     tokenizer = tokenizer_from_checkpoint(ckpt, cfg.meta)
     if tokenizer is None:
-        raise UserError("this checkpoint has no vocabulary (a nanoGPT checkpoint?): pass the character "
-                        "vocabulary it was trained with as --meta=path/to/meta.pkl")
-    if tokenizer.vocab_size != model.config.vocab_size:
+        print("notice: this checkpoint has no vocabulary (a nanoGPT checkpoint keeps it in meta.pkl); "
+              "printing token ids. Pass --meta=path/to/meta.pkl to see text", file=sys.stderr)
+    elif tokenizer.vocab_size != model.config.vocab_size:
         print(f"notice: the vocabulary has {tokenizer.vocab_size} characters, the model "
               f"{model.config.vocab_size} ids; ids past the vocabulary are never sampled", file=sys.stderr)
     return ckpt, model, tokenizer, device
@@ -40,6 +40,19 @@ def read_prompt(start):
             raise UserError(f"prompt file {path} not found")
         return path.read_text(encoding="utf-8")
     return start
+
+
+def sample_ids(cfg, model, device):
+    """No vocabulary: sample from token 0 (or --start given as ids, '1 5 2') and print ids."""
+    try:
+        ids = [int(t) for t in read_prompt(cfg.start).split()] or [0]
+    except ValueError:
+        raise UserError(f"without a vocabulary --start must be token ids like '1 5 2', got {cfg.start!r}") from None
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    for _ in range(cfg.num_samples):
+        out = generate(model, torch.tensor([ids], device=device), cfg.max_new_tokens, cfg.temperature,
+                       cfg.top_k, cfg.top_p, generator, cfg.kv_cache)
+        print(" ".join(str(i) for i in out[0].tolist()))
 
 
 def sample_text(cfg, model, tokenizer, device):
@@ -99,6 +112,8 @@ def main(argv):
         ckpt, model, tokenizer, device = load_model(cfg)
         if ckpt.get("task", {}).get("type") == "sort":
             run_sort(cfg, ckpt, model, device)
+        elif tokenizer is None:
+            sample_ids(cfg, model, device)
         else:
             sample_text(cfg, model, tokenizer, device)
     except ValueError as e:

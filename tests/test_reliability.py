@@ -1,0 +1,181 @@
+"""What a user's mistake or an accident does: a clear message naming the problem and the fix,
+and nothing the user had is lost."""
+
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import sample as sample_cli
+import train as train_cli
+from conftest import ROOT, run_training, train_args, working_dir
+from model.checkpoint import load_checkpoint, save_checkpoint, tokenizer_from_meta
+from model.config import UserError
+from model.trainer import resolve_device
+
+SMALL = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=8", "--batch_size=4", "--eval_iters=1"]
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content,message", [
+    (None, "not found: give a UTF-8 text file or a folder of .txt files"),
+    (b"", "the text is empty"),
+    (b"abc\xff\xfedef", "is not UTF-8 text: byte 3 (0xff)"),
+    ("短文".encode("utf-8"), "the text is too short: its training part has 2 characters and block_size=8 needs at least 9"),
+])
+def test_bad_data_through_train_py(in_tmp, capsys, content, message):
+    if content is not None:
+        (in_tmp / "my.txt").write_bytes(content)
+    code = train_cli.main([str(ROOT / "configs" / "chinese.py"), "--data=my.txt", "--out_dir=o", *SMALL])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+def test_corrupted_truncated_and_foreign_checkpoints(trained_sort, tmp_path, capsys):
+    base, _ = trained_sort
+    good = (base / "out" / "sort" / "ckpt.pt").read_bytes()
+    cases = {"truncated.pt": good[: len(good) // 2], "random.pt": os.urandom(4096),
+             "text.pt": b"hello, I am a text file\n"}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert sample_cli.main([f"--ckpt={tmp_path / name}"]) == 2
+        err = capsys.readouterr().err
+        assert f"{name} is not a readable checkpoint (truncated, corrupted, or another kind of file)" in err, err
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    assert sample_cli.main([f"--ckpt={tmp_path / 'other.pt'}"]) == 2
+    assert "other.pt is not a checkpoint: it lacks the 'model' and 'model_args' entries" in capsys.readouterr().err
+
+
+def test_model_args_that_do_not_fit_the_weights(trained_sort, tmp_path, capsys):
+    base, _ = trained_sort
+    ckpt = load_checkpoint(base / "out" / "sort" / "ckpt.pt")
+    ckpt["model_args"]["n_embd"] = 96
+    torch.save(ckpt, tmp_path / "bad.pt")
+    assert sample_cli.main([f"--ckpt={tmp_path / 'bad.pt'}"]) == 2
+    err = capsys.readouterr().err
+    assert "do not match its weights" in err and "'n_embd': 96" in err and "size mismatch" in err
+
+
+def nanogpt_checkpoint(path):
+    """A checkpoint as nanoGPT's train.py writes it (compiled model, no tokenizer, its config)."""
+    torch.manual_seed(0)
+    from model import GPT, GPTConfig
+    model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=5, dropout=0.0)
+    model = GPT(GPTConfig(**model_args))
+    sd = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    torch.save({"model": sd, "model_args": model_args, "optimizer": {}, "iter_num": 5000,
+                "best_val_loss": torch.tensor(1.47), "config": {"dataset": "shakespeare_char"}}, path)
+    return path
+
+
+def test_nanogpt_checkpoint_loads_with_a_notice_and_meta_pkl(tmp_path, capsys):
+    path = nanogpt_checkpoint(tmp_path / "ckpt.pt")
+    assert sample_cli.main([f"--ckpt={path}", "--max_new_tokens=5", "--num_samples=1"]) == 0
+    out = capsys.readouterr()
+    assert "has no vocabulary (a nanoGPT checkpoint keeps it in meta.pkl)" in out.err
+    assert re.fullmatch(r"0( [0-4]){5}\n", out.out), out.out
+    itos = {0: "\n", 1: "a", 2: "b", 3: "c", 4: "d"}
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 5, "itos": itos, "stoi": {v: k for k, v in itos.items()}}, f)
+    assert sample_cli.main([f"--ckpt={path}", f"--meta={tmp_path / 'meta.pkl'}", "--start=ab",
+                            "--max_new_tokens=5", "--num_samples=1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ab") and set(text) <= set("\nabcd")
+
+
+def test_meta_pkl_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    with open(tmp_path / "meta.pkl", "wb") as f:
+        pickle.dump({"itos": Evil()}, f)
+    with pytest.raises(UserError, match="only plain data"):
+        tokenizer_from_meta(tmp_path / "meta.pkl")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_every_torch_load_is_weights_only():
+    sources = [p for p in ROOT.rglob("*.py") if "tests" not in p.parts and ".git" not in p.parts]
+    calls = [(p, m) for p in sources for m in re.finditer(r"torch\.load\(([^)]*)\)", p.read_text(encoding="utf-8"))]
+    assert calls, "expected torch.load calls in the project"
+    for path, match in calls:
+        assert "weights_only=True" in match.group(1), f"{path.name}: torch.load without weights_only=True"
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"model": {"w": torch.ones(4)}, "model_args": {}, "iter_num": 1}, path)
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a zip file")
+        raise KeyboardInterrupt  # stands in for the process being killed mid-write
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(4)}, "model_args": {}, "iter_num": 2}, path)
+    monkeypatch.undo()
+    ckpt = load_checkpoint(path)
+    assert ckpt["iter_num"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(4))
+
+
+# ---- devices and output -------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_device_lists_what_is_available(capsys, in_tmp):
+    with pytest.raises(UserError, match=r"device 'cuda' is not available on this machine; available: cpu"):
+        resolve_device("cuda")
+    assert train_cli.main([str(ROOT / "configs" / "sort.py"), "--device=cuda:1"]) == 2
+    assert "device 'cuda:1' is not available" in capsys.readouterr().err
+    assert sample_cli.main(["--device=mps"]) == 2 or torch.backends.mps.is_available()
+
+
+def test_unwritable_out_dir_fails_before_training(in_tmp, capsys):
+    (in_tmp / "a_file").write_text("not a folder")
+    start = time.time()
+    assert train_cli.main([str(ROOT / "configs" / "sort.py"), "--out_dir=a_file/run"]) == 2
+    err = capsys.readouterr().err
+    assert "out_dir a_file/run is not writable" in err and "--out_dir" in err
+    assert time.time() - start < 10
+
+
+# ---- training accidents -------------------------------------------------------------------
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, capsys):
+    args = train_args("chinese.py", "run", *SMALL, "--max_iters=4", "--eval_interval=4")
+    assert train_cli.main(args) == 0
+    before = (in_tmp / "run" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    code = train_cli.main(args + ["--init_from=resume", "--max_iters=200", "--eval_interval=1000",
+                                  "--learning_rate=1e30", "--decay_lr=False", "--grad_clip=0"])
+    err = capsys.readouterr().err
+    assert code == 1 and re.search(r"the loss became (nan|inf) at iteration \d+; training stopped", err), err
+    assert "Try a lower --learning_rate" in err
+    assert (in_tmp / "run" / "ckpt.pt").read_bytes() == before, "the last good checkpoint is untouched"
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(
+        "chinese.py", out, *SMALL, "--max_iters=1000000", "--log_interval=1", "--eval_interval=100000")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: checkpoint saved; continue with --init_from=resume" in err
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    logged = [json.loads(line)["iter"] for line in metrics.read_text().splitlines()]
+    assert ckpt["iter_num"] == logged[-1] >= 5, "the checkpoint holds the last finished step"
