@@ -36,9 +36,9 @@ def peak_rss_mb():
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def run_case(script, case):
-    """Run `python script --case CASE` and return the JSON object it prints last."""
-    out = subprocess.run([sys.executable, str(script), "--case", case], cwd=ROOT, capture_output=True,
+def run_case(script, case, *args):
+    """Run `python script --case CASE [args]` and return the JSON object it prints last."""
+    out = subprocess.run([sys.executable, str(script), "--case", case, *args], cwd=ROOT, capture_output=True,
                          text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{script.name} --case {case} failed:\n{out.stderr[-2000:]}")

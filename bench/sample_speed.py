@@ -1,7 +1,8 @@
 """Sampling speed with and without the KV cache: 500 new tokens at nanoGPT's Shakespeare-char
 size (block_size 256, n_layer 6, n_head 6, n_embd 384, 65 characters), random weights.
 
-    python bench/sample_speed.py
+    python bench/sample_speed.py                 # on the CPU, where the goal (5x) is set
+    python bench/sample_speed.py --device=cuda
 """
 
 import argparse
@@ -20,9 +21,8 @@ from model.sampling import generate  # noqa: E402
 NEW_TOKENS = 500
 
 
-def measure(kv_cache):
+def measure(kv_cache, device):
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = GPT(GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384)).to(device).eval()
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     generate(model, prompt, 8, temperature=1.0, use_cache=kv_cache)  # warm-up
@@ -33,20 +33,21 @@ def measure(kv_cache):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     assert out.size(1) == NEW_TOKENS + 1
-    return {"kv_cache": kv_cache, "seconds": seconds, "tokens_per_s": NEW_TOKENS / seconds,
+    return {"device": device, "kv_cache": kv_cache, "seconds": seconds, "tokens_per_s": NEW_TOKENS / seconds,
             "peak_mb": peak_rss_mb() if device == "cpu" else torch.cuda.max_memory_allocated() / 2 ** 20}
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", choices=["cache", "nocache"])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(measure(args.case == "cache")))
+        print(json.dumps(measure(args.case == "cache", args.device)))
         return 0
-    rows = [run_case(__import__("pathlib").Path(__file__), c) for c in ("nocache", "cache")]
+    rows = [run_case(__import__("pathlib").Path(__file__), c, f"--device={args.device}") for c in ("nocache", "cache")]
     speedup = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-    write_results("sample_speed", rows, ["kv_cache", "seconds", "tokens_per_s", "peak_mb"],
+    write_results("sample_speed", rows, ["device", "kv_cache", "seconds", "tokens_per_s", "peak_mb"],
                   f"KV cache speed-up: {speedup:.1f}x (goal: at least 5x)")
     return 0
 

@@ -90,7 +90,8 @@ class SortTask:
 
     @classmethod
     def from_state(cls, state):
-        return cls(state["length"], state["alphabet"], heldout=state["heldout"])
+        # .cpu(): sample.py may load the checkpoint straight onto the GPU; the split lives on the CPU
+        return cls(state["length"], state["alphabet"], heldout=state["heldout"].cpu())
 
 
 # ---- plain text ---------------------------------------------------------------------------

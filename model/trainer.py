@@ -217,6 +217,9 @@ def prepare_run(cfg):
     """Resolve the config, set up devices, data, model and optimizer; print what was chosen."""
     cfg.validate()
     rt = setup_runtime(cfg)
+    if cfg.gradient_accumulation_steps % rt.world_size:
+        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
+                        f"the number of processes ({rt.world_size})")
     if rt.master:
         check_writable(cfg.out_dir)
     ckpt, finetune = None, False
@@ -355,11 +358,10 @@ class StopRequest:
 def train(cfg):
     """Train as the config says. Returns a summary dict (iterations, losses, metrics, why it
     stopped, checkpoint path). Raises TrainingDiverged on a NaN/inf loss, UserError on bad input."""
-    run = prepare_run(cfg)
     try:
-        return train_loop(run)
+        return train_loop(prepare_run(cfg))
     finally:
-        if run.rt.ddp:
+        if dist.is_initialized():  # also when setting up failed, so torchrun ends cleanly
             dist.destroy_process_group()
 
 
@@ -368,9 +370,6 @@ def train_loop(run):
     model = torch.compile(run.model) if cfg.compile else run.model
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-    if cfg.gradient_accumulation_steps % rt.world_size:
-        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
-                        f"the number of processes ({rt.world_size})")
     local_steps = cfg.gradient_accumulation_steps // rt.world_size
     micro_ids = range(rt.rank * local_steps, (rt.rank + 1) * local_steps)
     autocast = autocast_context(rt.device_type, rt.dtype)

@@ -38,7 +38,7 @@ def test_vocabulary_grows_and_old_embeddings_are_kept_at_iteration_0(trained_chi
     new_chars = set(POEMS.joinpath("input.txt").read_text(encoding="utf-8")) - set(old_tok.itos)
     assert tok.itos[:old_tok.vocab_size] == old_tok.itos, "known characters keep their ids"
     assert set(tok.itos[old_tok.vocab_size:]) == new_chars and new_chars
-    wte = run.model.transformer.wte.weight.detach()
+    wte = run.model.transformer.wte.weight.detach().cpu()
     assert torch.equal(wte[:old_tok.vocab_size], old["model"]["transformer.wte.weight"]), "learned rows unchanged"
     fresh = wte[old_tok.vocab_size:]
     assert abs(fresh.std().item() - 0.02) < 0.003, "new rows start like fresh embeddings, N(0, 0.02)"
@@ -50,7 +50,7 @@ def test_block_size_can_shrink_not_grow(trained_chinese, tmp_path):
     base, _ = trained_chinese
     run = prepare_run(load_config(TrainConfig, finetune_args(base, tmp_path / "a", "--block_size=16")))
     old = load_checkpoint(base / "out" / "chinese" / "ckpt.pt")["model"]["transformer.wpe.weight"]
-    assert torch.equal(run.model.transformer.wpe.weight.detach(), old[:16]), "position embeddings cropped"
+    assert torch.equal(run.model.transformer.wpe.weight.detach().cpu(), old[:16]), "position embeddings cropped"
     with pytest.raises(UserError, match="block_size=32 is larger than the base model's 24"):
         prepare_run(load_config(TrainConfig, finetune_args(base, tmp_path / "b", "--block_size=32")))
 

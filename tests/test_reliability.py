@@ -130,13 +130,16 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatc
 
 # ---- devices and output -------------------------------------------------------------------
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_missing_device_lists_what_is_available(capsys, in_tmp):
-    with pytest.raises(UserError, match=r"device 'cuda' is not available on this machine; available: cpu"):
-        resolve_device("cuda")
-    assert train_cli.main([str(ROOT / "configs" / "sort.py"), "--device=cuda:1"]) == 2
-    assert "device 'cuda:1' is not available" in capsys.readouterr().err
-    assert sample_cli.main(["--device=mps"]) == 2 or torch.backends.mps.is_available()
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU; 'cuda:0' without one
+    listed = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())])
+    with pytest.raises(UserError, match=rf"device '{missing}' is not available on this machine; available: {listed}"):
+        resolve_device(missing)
+    assert train_cli.main([str(ROOT / "configs" / "sort.py"), f"--device={missing}"]) == 2
+    assert f"device '{missing}' is not available" in capsys.readouterr().err
+    if not torch.backends.mps.is_available():
+        assert sample_cli.main(["--device=mps"]) == 2
+        assert "device 'mps' is not available" in capsys.readouterr().err
 
 
 def test_unwritable_out_dir_fails_before_training(in_tmp, capsys):
