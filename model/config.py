@@ -120,6 +120,30 @@ class SampleConfig:
             raise UserError(f"num_samples must be at least 1, got {self.num_samples}")
 
 
+@dataclass
+class WalkthroughConfig:
+    out_dir: str = ""  # a training run's out_dir; empty: the checkpoint train.py wrote last
+    ckpt: str = ""  # a checkpoint file (instead of out_dir)
+    meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
+    start: str = ""  # the input to walk through, e.g. CBABBC or 天行健
+    layers: str = "all"  # which blocks to show: 'all' or numbers like '0' or '0,2'
+    heads: str = "all"  # which attention heads to show: 'all' or numbers like '1'
+    decimals: int = 3
+    max_cols: int = 8  # wider matrices show their first columns, '...', and the last one
+    format: str = "text"  # 'text', 'md' (Markdown) or 'json'
+    temperature: float = 1.0  # the next-token probabilities are shown at this and at 0.5, 1, 2
+
+    def validate(self):
+        if self.format not in ("text", "md", "json"):
+            raise UserError(f"format must be one of text, md, json; got {self.format!r}")
+        if not 0 <= self.decimals <= 12:
+            raise UserError(f"decimals must be between 0 and 12, got {self.decimals}")
+        if self.max_cols < 2:
+            raise UserError(f"max_cols must be at least 2, got {self.max_cols}")
+        if self.temperature <= 0:
+            raise UserError(f"temperature must be greater than 0, got {self.temperature}")
+
+
 def load_config(cls, argv):
     """Build a `cls` config from argv: an optional config file first, then --key=value or
     --key value overrides. Unknown keys and values of the wrong type raise UserError."""

@@ -190,8 +190,9 @@ def forward(params, config, idx, targets=None):
     B, T = idx.shape
     P = lambda name: params.get(name)  # noqa: E731  (a missing bias is None)
     acts = {"idx": idx}
-    x = embed_tokens(idx, P("transformer.wte.weight")) + embed_positions(T, P("transformer.wpe.weight"))
-    acts["x0"] = x
+    acts["tok_emb"] = embed_tokens(idx, P("transformer.wte.weight"))
+    acts["pos_emb"] = embed_positions(T, P("transformer.wpe.weight"))
+    acts["x0"] = x = acts["tok_emb"] + acts["pos_emb"]
     for i in range(config.n_layer):
         h = f"transformer.h.{i}."
         a = {"x_in": x}

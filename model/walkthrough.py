@@ -1,0 +1,337 @@
+"""One forward pass, step by step, with a trained model's real numbers:
+
+    python -m model.walkthrough --out_dir=out/sort --start=CBABBC
+
+It follows the Transformer explainers: token and position embeddings, their sum, then per block
+LayerNorm, Q, K and V of each head, Q K^T, the scaling, the causal mask, the softmax, the
+weighted values, the heads joined and projected, the residual adds, the feed-forward layer, and
+at the end the logits and the next token's probabilities at a few temperatures.
+
+Every matrix is computed by the NumPy reference (model/reference.py) and checked against the
+torch model's own value for the same input, both in float64; a difference above TOLERANCE stops
+the walk with an error. The torch values come from forward hooks on the model's modules; the
+attention internals (Q K^T, mask, softmax, weighted values) are not module outputs, so they are
+recomputed in torch from the model's own Q, K, V, and their joined result is checked against
+what the model itself fed its output projection.
+"""
+
+import json
+import math
+import sys
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import reference as ref
+from model.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from model.config import UserError, WalkthroughConfig, load_config
+
+TOLERANCE = 1e-9  # |reference - torch| <= TOLERANCE * (1 + |torch|), both float64
+TEMPERATURES = (0.5, 1.0, 2.0)
+
+
+class WalkthroughMismatch(RuntimeError):
+    """The NumPy reference and the torch model disagree: the walk would not show the model's numbers."""
+
+
+@dataclass
+class Step:
+    """One matrix of the walk: values (rows x cols) with labels, the formula that made it, and
+    `key`, the name of the torch value it is checked against."""
+    title: str
+    formula: str
+    shape: str  # in symbols, e.g. 'T x C'
+    values: np.ndarray
+    rows: list
+    cols: list
+    key: str
+    source_cols: list = None  # the checked value's columns in the order shown (None: as they are)
+
+
+# ---- the walk, computed by the NumPy reference --------------------------------------------
+
+def visible(token):
+    """A token as it can be printed in a table: newline, space and tab made visible."""
+    return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(token, token)
+
+
+def token_labels(tokens):
+    """Row labels: each token with its position, so repeated letters stay apart ('C0', 'B1', ...)."""
+    return [f"{visible(t)}{i}" for i, t in enumerate(tokens)]
+
+
+def temperatures(temperature):
+    """The temperatures the last step shows: 0.5, 1, 2 and the one asked for."""
+    return sorted(set(TEMPERATURES) | {temperature})
+
+
+def walk(params, config, ids, tokens, vocab, layers, heads, temperature):
+    """The list of Steps for the input ids (T,) with their text tokens. `vocab` labels the logit
+    columns; `layers` and `heads` pick what to show (everything is computed)."""
+    T, C, nh = len(ids), config.n_embd, config.n_head
+    hs = C // nh
+    _, _, acts = ref.forward(params, config, np.array([ids]))
+    rows, chan = token_labels(tokens), [f"c{j}" for j in range(C)]
+    vocab_labels = [visible(t) for t in vocab]
+    steps = [
+        Step("token embedding", "X_tok[t] = W_te[id_t]  (row id_t of the V x C embedding matrix)",
+             "T x C", acts["tok_emb"][0], rows, chan, "tok_emb"),
+        Step("position embedding", "X_pos[t] = W_pe[t]  (row t of the block_size x C matrix)",
+             "T x C", acts["pos_emb"], rows, chan, "pos_emb"),
+        Step("embeddings summed: the input to block 0", "x = X_tok + X_pos", "T x C", acts["x0"][0], rows, chan, "x0"),
+    ]
+    for i in layers:
+        a, b = acts[f"layer{i}"], f"block {i}"
+        steps.append(Step(f"{b}: LayerNorm 1", "LN(x) = (x - mean(x)) / sqrt(var(x) + 1e-5) * gamma + beta, "
+                          "each row", "T x C", a["ln_1"][0], rows, chan, f"layer{i}.ln_1"))
+        for h in heads:
+            span = f"channels {h * hs}..{h * hs + hs - 1} of"
+            q, k, v = a["q"][0, h], a["k"][0, h], a["v"][0, h]
+            hd = [f"c{j}" for j in range(hs)]
+            p = f"{b}, head {h}"
+            steps += [
+                Step(f"{p}: queries", f"Q = {span} LN(x) W_q^T + b_q", "T x hs", q, rows, hd, f"layer{i}.head{h}.q"),
+                Step(f"{p}: keys", f"K = {span} LN(x) W_k^T + b_k", "T x hs", k, rows, hd, f"layer{i}.head{h}.k"),
+                Step(f"{p}: values", f"V = {span} LN(x) W_v^T + b_v", "T x hs", v, rows, hd, f"layer{i}.head{h}.v"),
+                Step(f"{p}: scores", "Q K^T  (row: the query's token, column: the key's)", "T x T",
+                     q @ k.T, rows, rows, f"layer{i}.head{h}.qk"),
+                Step(f"{p}: scaled scores", f"Q K^T / sqrt(hs) = Q K^T / {math.sqrt(hs):.4g}", "T x T",
+                     a["scores"][0, h], rows, rows, f"layer{i}.head{h}.scores"),
+                Step(f"{p}: causal mask", "-inf where the key comes after the query: no looking ahead",
+                     "T x T", a["masked"][0, h], rows, rows, f"layer{i}.head{h}.masked"),
+                Step(f"{p}: attention weights", "softmax of each row (each row sums to 1)", "T x T",
+                     a["att"][0, h], rows, rows, f"layer{i}.head{h}.att"),
+                Step(f"{p}: weighted values", "attention weights x V", "T x hs", a["y_heads"][0, h], rows, hd,
+                     f"layer{i}.head{h}.y"),
+            ]
+        steps += [
+            Step(f"{b}: heads joined", f"[head 0 | ... | head {nh - 1}], side by side", "T x C", a["y"][0], rows,
+                 chan, f"layer{i}.y"),
+            Step(f"{b}: attention output", "joined heads W_o^T + b_o  (c_proj)", "T x C", a["attn_out"][0], rows,
+                 chan, f"layer{i}.attn_out"),
+            Step(f"{b}: add (residual)", "x = x + attention output", "T x C", a["x_mid"][0], rows, chan,
+                 f"layer{i}.x_mid"),
+            Step(f"{b}: LayerNorm 2", "LN(x), as LayerNorm 1 with its own gamma, beta", "T x C", a["ln_2"][0], rows,
+                 chan, f"layer{i}.ln_2"),
+            Step(f"{b}: feed-forward, first layer", "h = LN(x) W_1^T + b_1  (C -> 4C)", "T x 4C", a["fc"][0], rows,
+                 [f"c{j}" for j in range(4 * C)], f"layer{i}.fc"),
+            Step(f"{b}: GELU", "GELU(h) = h * Phi(h)" if config.gelu == "exact" else
+                 "GELU(h) = 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))", "T x 4C", a["gelu"][0], rows,
+                 [f"c{j}" for j in range(4 * C)], f"layer{i}.gelu"),
+            Step(f"{b}: feed-forward, second layer", "GELU(h) W_2^T + b_2  (4C -> C)", "T x C", a["mlp_out"][0],
+                 rows, chan, f"layer{i}.mlp_out"),
+            Step(f"{b}: add (residual): the block's output", "x = x + feed-forward output", "T x C",
+                 a["x_out"][0], rows, chan, f"layer{i}.x_out"),
+        ]
+    logits = acts["logits"][0]
+    steps += [
+        Step("final LayerNorm", "LN_f(x)", "T x C", acts["ln_f"][0], rows, chan, "ln_f"),
+        Step("logits", "LN_f(x) W_te^T  (the LM head is the token embedding matrix, shared)", "T x V",
+             logits, rows, vocab_labels, "logits"),
+    ]
+    temps = temperatures(temperature)
+    probs = np.stack([ref.softmax(logits[-1] / t) for t in temps])
+    order = np.argsort(-probs[temps.index(temperature)], kind="stable")  # most likely first at `temperature`
+    steps.append(Step(f"next token after {rows[-1]!s}: probabilities",
+                      f"softmax(logits of the last row / temperature), most likely first at temperature "
+                      f"{temperature:g}", "temperatures x V", probs[:, order], [f"temperature {t:g}" for t in temps],
+                      [vocab_labels[j] for j in order], "next_probs", source_cols=list(order)))
+    return steps
+
+
+# ---- the torch model's own values ---------------------------------------------------------
+
+@torch.no_grad()
+def torch_values(model, ids, temps):
+    """The torch model's intermediates for ids (T,), by the Step keys, as float64 NumPy arrays."""
+    found, handles = {}, []
+    out = lambda key: lambda mod, inp, o: found.__setitem__(key, o[0])  # noqa: E731
+    into = lambda key: lambda mod, inp: found.__setitem__(key, inp[0][0])  # noqa: E731
+    tr = model.transformer
+    for name, mod in (("tok_emb", tr.wte), ("x0", tr.drop), ("ln_f", tr.ln_f), ("logits", model.lm_head)):
+        handles.append(mod.register_forward_hook(out(name)))
+    handles.append(tr.wpe.register_forward_hook(lambda mod, inp, o: found.__setitem__("pos_emb", o)))
+    for i, block in enumerate(tr.h):
+        for key, mod in (("ln_1", block.ln_1), ("qkv", block.attn.c_attn), ("attn_out", block.attn.c_proj),
+                         ("ln_2", block.ln_2), ("fc", block.mlp.c_fc), ("gelu", block.mlp.gelu),
+                         ("mlp_out", block.mlp.c_proj), ("x_out", block)):
+            handles.append(mod.register_forward_hook(out(f"layer{i}.{key}")))
+        handles.append(block.attn.c_proj.register_forward_pre_hook(into(f"layer{i}.y")))
+        handles.append(block.ln_2.register_forward_pre_hook(into(f"layer{i}.x_mid")))
+    try:
+        model(torch.tensor([ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    nh, C = model.config.n_head, model.config.n_embd
+    hs, T = C // nh, len(ids)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    for i in range(model.config.n_layer):
+        q, k, v = found.pop(f"layer{i}.qkv").split(C, dim=-1)
+        for h in range(nh):
+            qh, kh, vh = (t[:, h * hs:(h + 1) * hs] for t in (q, k, v))
+            qk = qh @ kh.T
+            masked = (qk / math.sqrt(hs)).masked_fill(future, float("-inf"))
+            att = torch.softmax(masked, dim=-1)
+            found.update({f"layer{i}.head{h}.q": qh, f"layer{i}.head{h}.k": kh, f"layer{i}.head{h}.v": vh,
+                          f"layer{i}.head{h}.qk": qk, f"layer{i}.head{h}.scores": qk / math.sqrt(hs),
+                          f"layer{i}.head{h}.masked": masked, f"layer{i}.head{h}.att": att,
+                          f"layer{i}.head{h}.y": att @ vh})
+    found["next_probs"] = torch.stack([torch.softmax(found["logits"][-1] / t, dim=-1) for t in temps])
+    return {k: v.numpy() for k, v in found.items()}
+
+
+def check(steps, values):
+    """Raise WalkthroughMismatch unless every step's matrix equals the torch model's within TOLERANCE."""
+    for step in steps:
+        expected = values[step.key]
+        if step.source_cols is not None:
+            expected = expected[:, step.source_cols]
+        if expected.shape != step.values.shape or not np.allclose(step.values, expected, rtol=TOLERANCE,
+                                                                  atol=TOLERANCE):
+            diff = np.nanmax(np.abs(np.nan_to_num(step.values - expected, nan=np.inf))) \
+                if expected.shape == step.values.shape else f"shape {expected.shape} vs {step.values.shape}"
+            raise WalkthroughMismatch(f"'{step.title}' ({step.key}): the NumPy reference and the torch model "
+                                      f"differ by {diff} (allowed {TOLERANCE}); the walk stops here")
+
+
+# ---- output -------------------------------------------------------------------------------
+
+def width(text):
+    """Terminal columns: Chinese characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def pad(text, n):
+    return " " * (n - width(text)) + text
+
+
+def number(x, decimals):
+    return "-inf" if x == -np.inf else f"{x:.{decimals}f}"
+
+
+def shown_columns(n, max_cols):
+    """Indices of the columns to show, with None where '...' stands."""
+    if n <= max_cols:
+        return list(range(n))
+    return list(range(max_cols - 1)) + [None, n - 1]
+
+
+def table(step, decimals, max_cols):
+    """Header and rows of cells for a step, wide matrices cut to max_cols columns."""
+    cols = shown_columns(len(step.cols), max_cols)
+    header = [""] + ["..." if j is None else step.cols[j] for j in cols]
+    body = [[step.rows[r]] + ["..." if j is None else number(step.values[r, j], decimals) for j in cols]
+            for r in range(len(step.rows))]
+    return header, body
+
+
+def dimensions(step):
+    return f"{step.shape} = {step.values.shape[0]} x {step.values.shape[1]}"
+
+
+def as_text(steps, intro, decimals, max_cols):
+    lines = intro + [""]
+    for n, step in enumerate(steps, 1):
+        header, body = table(step, decimals, max_cols)
+        widths = [max(width(row[c]) for row in [header] + body) for c in range(len(header))]
+        lines += [f"[{n}] {step.title}   ({dimensions(step)})", f"    {step.formula}"]
+        for row in [header] + body:
+            label = row[0] + " " * (widths[0] - width(row[0]))  # row labels flush left, numbers right
+            lines.append("    " + "  ".join([label] + [pad(cell, w) for cell, w in zip(row[1:], widths[1:])]))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def as_markdown(steps, intro, decimals, max_cols):
+    lines = [f"{line}  " for line in intro] + [""]
+    for n, step in enumerate(steps, 1):
+        header, body = table(step, decimals, max_cols)
+        lines += [f"### {n}. {step.title}", "", f"`{step.formula}`, {dimensions(step)}", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def as_json(steps, info, decimals):
+    """Every number (no columns cut), rounded to `decimals`; null stands for -inf (masked)."""
+    def rounded(m):
+        return [[None if x == -np.inf else round(float(x), decimals) for x in row] for row in m]
+    return json.dumps({**info, "steps": [
+        {"title": s.title, "key": s.key, "formula": s.formula, "shape": s.shape, "size": list(s.values.shape),
+         "rows": s.rows, "cols": s.cols, "values": rounded(s.values)} for s in steps]}, ensure_ascii=False, indent=1)
+
+
+# ---- the command line ---------------------------------------------------------------------
+
+def pick(spec, count, what):
+    """'all' or '0,2' -> [0, 2], each checked against the model's count."""
+    if spec == "all":
+        return list(range(count))
+    try:
+        chosen = [int(p) for p in spec.split(",")]
+    except ValueError:
+        raise UserError(f"--{what} must be 'all' or numbers like 0,1; got {spec!r}") from None
+    bad = [c for c in chosen if not 0 <= c < count]
+    if bad:
+        raise UserError(f"--{what}={spec}: the model has {count} {what} (0..{count - 1}); {bad[0]} is not one")
+    return chosen
+
+
+def run(cfg):
+    """The walkthrough as text, Markdown or JSON for the config's checkpoint and input."""
+    path = find_checkpoint(cfg.out_dir, cfg.ckpt)
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt).double().eval()
+    tokenizer = tokenizer_from_checkpoint(ckpt, cfg.meta)
+    if tokenizer is None:
+        raise UserError("this checkpoint has no vocabulary (a nanoGPT checkpoint?); pass --meta=path/to/meta.pkl")
+    if not cfg.start:
+        raise UserError(f"give the input to walk through with --start, e.g. --start={''.join(tokenizer.itos[:3])!r}")
+    unknown = tokenizer.unknown(cfg.start)
+    if unknown:
+        raise UserError(f"--start has characters the model does not know: {''.join(unknown)!r}; "
+                        f"its vocabulary is {''.join(tokenizer.itos)!r}")
+    ids = tokenizer.encode(cfg.start)
+    if len(ids) > model.config.block_size:
+        raise UserError(f"--start has {len(ids)} tokens; this model reads at most block_size="
+                        f"{model.config.block_size}")
+    layers = pick(cfg.layers, model.config.n_layer, "layers")
+    heads = pick(cfg.heads, model.config.n_head, "heads")
+    params = ref.params_from_state_dict(model.state_dict())
+    tokens = [tokenizer.itos[i] for i in ids]
+    steps = walk(params, model.config, ids, tokens, tokenizer.itos, layers, heads, cfg.temperature)
+    check(steps, torch_values(model, ids, temperatures(cfg.temperature)))
+    c = model.config
+    info = {"checkpoint": str(path), "input": cfg.start, "tokens": tokens, "ids": ids,
+            "model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
+                      "block_size": c.block_size},
+            "checked": f"every matrix equals the torch model's (float64) within {TOLERANCE:g}"}
+    if cfg.format == "json":
+        return as_json(steps, info, cfg.decimals)
+    intro = [f"checkpoint: {path}",
+             f"input: {cfg.start!r} -> tokens {' '.join(token_labels(tokens))} -> ids {ids}",
+             f"model: n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd} (C), head size "
+             f"hs={c.n_embd // c.n_head}, vocab V={c.vocab_size}, T={len(ids)} tokens",
+             f"checked: {info['checked']}"]
+    render = as_markdown if cfg.format == "md" else as_text
+    return render(steps, intro, cfg.decimals, cfg.max_cols)
+
+
+def main(argv):
+    try:
+        print(run(load_config(WalkthroughConfig, argv)))
+    except ValueError as e:  # UserError: the message says the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except WalkthroughMismatch as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
