@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-from model.config import SampleConfig, UserError, load_config
+from model.config import SampleConfig, UserError, load_config, run_command
 from model.sampling import generate
 from model.tasks import SortTask
 from model.trainer import resolve_device
@@ -57,7 +57,7 @@ def sample_ids(cfg, model, device):
 
 def sample_text(cfg, model, tokenizer, device):
     """Print num_samples continuations of the prompt, streaming characters as they come."""
-    prompt = read_prompt(cfg.start) or ("\n" if "\n" in tokenizer.stoi else tokenizer.itos[0])
+    prompt = read_prompt(cfg.start) or tokenizer.start_text()
     ids = tokenizer.encode(prompt, drop_unknown=cfg.drop_unknown)
     if not ids:
         raise UserError("the prompt is empty once unknown characters are dropped; give --start with known characters")
@@ -106,20 +106,20 @@ def run_sort(cfg, ckpt, model, device):
         print(f"(wrong: sorted is {tok.decode(letters[0].sort().values.tolist())})")
 
 
-def main(argv):
-    try:
-        cfg = load_config(SampleConfig, argv)
-        ckpt, model, tokenizer, device = load_model(cfg)
-        if ckpt.get("task", {}).get("type") == "sort":
-            run_sort(cfg, ckpt, model, device)
-        elif tokenizer is None:
-            sample_ids(cfg, model, device)
-        else:
-            sample_text(cfg, model, tokenizer, device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def sample(argv):
+    cfg = load_config(SampleConfig, argv)
+    ckpt, model, tokenizer, device = load_model(cfg)
+    if ckpt.get("task", {}).get("type") == "sort":
+        run_sort(cfg, ckpt, model, device)
+    elif tokenizer is None:
+        sample_ids(cfg, model, device)
+    else:
+        sample_text(cfg, model, tokenizer, device)
     return 0
+
+
+def main(argv):
+    return run_command(sample, argv)
 
 
 if __name__ == "__main__":

@@ -5,24 +5,20 @@ Under torchrun it trains on several processes: torchrun --standalone --nproc_per
 
 import sys
 
-from model.config import TrainConfig, load_config
+from model.config import TrainConfig, load_config, run_command
 from model.trainer import TrainingDiverged, train
 
 
-def main(argv):
-    try:
-        cfg = load_config(TrainConfig, argv)
-        summary = train(cfg)
-    except ValueError as e:  # UserError and the model's own checks: the message says the fix
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def train_command(argv):
+    summary = train(load_config(TrainConfig, argv))
     if summary["stopped"] == "interrupted":
         print("interrupted: checkpoint saved; continue with --init_from=resume", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv):
+    return run_command(train_command, argv, failures=TrainingDiverged)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Configuration for train.py and sample.py: dataclasses of plain fields, filled from a config
-file (a Python file of plain assignments) and then from `--key=value` / `--key value` flags."""
+"""Configuration for every command line (train.py, sample.py, the walkthrough, the plots):
+dataclasses of plain fields, filled from a config file (a Python file of plain assignments)
+and then from `--key=value` / `--key value` flags."""
 
 import ast
 import difflib
+import sys
 import typing
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,6 +13,20 @@ from typing import Optional
 
 class UserError(ValueError):
     """A mistake the user can fix; the command lines print its message without a traceback."""
+
+
+def run_command(body, argv, failures=()):
+    """What every command line does around its work: body(argv) gives the exit code; a
+    UserError (or a model check's ValueError) prints 'error: ...' and exits 2; the exceptions
+    in `failures` (a diverged run, a failed check) print the same way and exit 1."""
+    try:
+        return body(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except failures as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 @dataclass
@@ -142,6 +158,15 @@ class WalkthroughConfig:
             raise UserError(f"max_cols must be at least 2, got {self.max_cols}")
         if self.temperature <= 0:
             raise UserError(f"temperature must be greater than 0, got {self.temperature}")
+
+
+@dataclass
+class PlotConfig:
+    out_dir: str = ""  # a training run's out_dir; empty: the one train.py wrote last
+    start: str = ""  # the prompt for the attention maps (sort: the input letters); empty: one is chosen
+
+    def validate(self):
+        pass
 
 
 def load_config(cls, argv):

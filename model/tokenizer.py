@@ -7,6 +7,11 @@ import numpy as np
 from model.config import UserError
 
 
+def visible(ch):
+    """A character as it can be shown in a table or on a plot axis: newline, space and tab made visible."""
+    return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(ch, ch)
+
+
 @dataclass
 class CharTokenizer:
     itos: list  # id -> character
@@ -29,6 +34,11 @@ class CharTokenizer:
         (sorted), for fine-tuning on text with characters the model has not seen."""
         new = sorted(set(text) - set(self.itos))
         return CharTokenizer(self.itos + new)
+
+    def start_text(self):
+        """Where a sample starts when no prompt is given: a newline (a fresh line) if the
+        vocabulary has one, else its first character."""
+        return "\n" if "\n" in self.stoi else self.itos[0]
 
     def unknown(self, text):
         """The characters of `text` that have no id, in order of first appearance."""

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from model.checkpoint import (find_checkpoint, load_checkpoint, model_from_checkpoint, record_latest,
                               save_checkpoint, tokenizer_from_checkpoint)
 from model.config import UserError, format_config
+from model.report import write_report, write_run_summary
 from model.gpt import GPT, GPTConfig
 from model.schedule import get_lr
 from model.tasks import SortTask, TextTask, read_text
@@ -406,7 +407,6 @@ def train_loop(run):
                 tok_s = tokens_per_iter / max(now - last_time, 1e-9)
                 last_time = now
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", **last_eval, refresh=False)
                 if log and (run.iter_num % cfg.log_interval == 0 or run.iter_num == 1):
                     log.write(iter=run.iter_num, loss=loss_val, lr=lr, tokens_per_s=tok_s, time_s=now - start_time)
                 if stop_now:
@@ -427,6 +427,8 @@ def train_loop(run):
                     if cfg.task == "sort" and cfg.stop_at_full_accuracy and ev.get("heldout_acc") == 1.0:
                         summary["stopped"] = "heldout_acc 100%"
                         break
+                    last_time = time.time()  # tokens/s counts training steps, not evaluation
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", **last_eval, refresh=False)
             unsaved = summary["checkpoint"] is None or run.iter_num % cfg.eval_interval
             if rt.master and unsaved and (cfg.always_save_checkpoint or summary["stopped"] == "interrupted"
                                           or summary["checkpoint"] is None):
@@ -437,8 +439,11 @@ def train_loop(run):
             log.close()
     summary.update(iter_num=run.iter_num, wall_s=time.time() - start_time, loss=loss_val)
     if rt.master:
+        write_run_summary(cfg.out_dir, {**summary, "device": rt.device, "processes": rt.world_size,
+                                        "dtype": str(rt.dtype).replace("torch.", "")})
+        summary["report"] = str(write_report(cfg.out_dir))
         print(f"stopped after {run.iter_num} iterations ({summary['stopped']}) in {summary['wall_s']:.1f}s; "
-              f"checkpoint: {summary['checkpoint']}")
+              f"checkpoint: {summary['checkpoint']}; report: {summary['report']}")
     return summary
 
 

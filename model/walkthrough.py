@@ -26,7 +26,8 @@ import torch
 
 from model import reference as ref
 from model.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-from model.config import UserError, WalkthroughConfig, load_config
+from model.config import UserError, WalkthroughConfig, load_config, run_command
+from model.tokenizer import visible
 
 TOLERANCE = 1e-9  # |reference - torch| <= TOLERANCE * (1 + |torch|), both float64
 TEMPERATURES = (0.5, 1.0, 2.0)
@@ -51,11 +52,6 @@ class Step:
 
 
 # ---- the walk, computed by the NumPy reference --------------------------------------------
-
-def visible(token):
-    """A token as it can be printed in a table: newline, space and tab made visible."""
-    return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(token, token)
-
 
 def token_labels(tokens):
     """Row labels: each token with its position, so repeated letters stay apart ('C0', 'B1', ...)."""
@@ -321,16 +317,13 @@ def run(cfg):
     return render(steps, intro, cfg.decimals, cfg.max_cols)
 
 
-def main(argv):
-    try:
-        print(run(load_config(WalkthroughConfig, argv)))
-    except ValueError as e:  # UserError: the message says the fix
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WalkthroughMismatch as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def walkthrough_command(argv):
+    print(run(load_config(WalkthroughConfig, argv)))
     return 0
+
+
+def main(argv):
+    return run_command(walkthrough_command, argv, failures=WalkthroughMismatch)
 
 
 if __name__ == "__main__":
