@@ -1,6 +1,7 @@
 """The run report (always written) and the plots (an optional extra: skipped without matplotlib)."""
 
 import builtins
+import json
 import shutil
 import struct
 
@@ -25,7 +26,9 @@ def test_sort_report(trained_sort):
     report = (base / "out" / "sort" / "report.md").read_text(encoding="utf-8")
     assert summary["report"].endswith("report.md")
     assert "| model | 85,584 parameters: n_layer 3, n_head 3, n_embd 48, block_size 11 |" in report
-    assert "| device | cpu, float32, 1 process |" in report
+    run = json.loads((base / "out" / "sort" / "run.json").read_text(encoding="utf-8"))
+    assert f"| device | {run['device']}, {run['dtype']}, 1 process |" in report, "device as the run used it"
+    assert run["device"] in ("cpu", "cuda", "mps") and run["processes"] == 1
     assert f"| iterations | {summary['iter_num']} (stopped: heldout_acc 100%) |" in report
     assert "| held-out exact match | 100.0% of 146 inputs |" in report
     assert "| training exact match | 100.0% of 583 inputs |" in report
