@@ -19,10 +19,9 @@ def write_run_summary(out_dir, summary):
     (Path(out_dir) / "run.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
 
 
-def samples(ckpt, count=3, new_tokens=100):
+def samples(ckpt, model, count=3, new_tokens=100):
     """A few lines that show what the model does: sort answers to held-out inputs, or text
     sampled at temperature 0.8 (seeded, so the report is the same each time)."""
-    model = model_from_checkpoint(ckpt).eval()
     if ckpt.get("task", {}).get("type") == "sort":
         task = SortTask.from_state(ckpt["task"])
         letters = task.inputs(task.splits["val"][:count])
@@ -36,9 +35,8 @@ def samples(ckpt, count=3, new_tokens=100):
     return f"\n{'-' * 40}\n".join(tok.decode(row.tolist()) for row in out)
 
 
-def summary_rows(ckpt, run):
+def summary_rows(ckpt, run, params):
     args, cfg = ckpt["model_args"], ckpt["config"]
-    params = model_from_checkpoint(ckpt).num_params()
     task = ckpt.get("task", {})
     what = (f"sort {task['length']} letters from {task['alphabet']}" if task.get("type") == "sort"
             else f"text from {cfg.get('data')} ({args['vocab_size']} characters)")
@@ -64,10 +62,11 @@ def write_report(out_dir):
     out = Path(out_dir)
     ckpt = load_checkpoint(out / "ckpt.pt")
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    model = model_from_checkpoint(ckpt).eval()
     lines = [f"# Run report: {out_dir}", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary_rows(ckpt, run)]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(ckpt, run, model.num_params())]
     lines += ["", f"## Samples (from ckpt.pt, iteration {ckpt['iter_num']})", "", "```text"]
-    lines += [samples(ckpt), "```", "", "## Plots", ""]
+    lines += [samples(ckpt, model), "```", "", "## Plots", ""]
     found = [name for name in PLOTS if (out / name).is_file()]
     lines += [f"![{PLOTS[name]}]({name})" for name in found] or [
         f"None yet: `pip install -e \".[plots]\"`, then `python -m model.plots --out_dir={out_dir}`."]
