@@ -21,7 +21,7 @@ def load_model(cfg):
     device = resolve_device(cfg.device)
     path = find_checkpoint(cfg.out_dir, cfg.ckpt)
     print(f"checkpoint: {path}", file=sys.stderr)
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, device).eval()
     tokenizer = tokenizer_from_checkpoint(ckpt, cfg.meta)
     if tokenizer is None:

@@ -50,14 +50,16 @@ def find_checkpoint(out_dir="", ckpt=""):
     return path
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path):
     """torch.load with weights_only=True (no pickled code runs), and a clear error for a file
-    that is truncated, corrupted or not a checkpoint at all."""
+    that is truncated, corrupted or not a checkpoint at all. Everything is loaded onto the CPU:
+    model_from_checkpoint moves the weights where they run, and the rest (optimizer state,
+    the sort split) stays off the GPU."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; {TRAIN_HINT}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a bad file; all mean the same to a user
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable checkpoint (truncated, corrupted, or another kind "

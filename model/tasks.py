@@ -90,8 +90,7 @@ class SortTask:
 
     @classmethod
     def from_state(cls, state):
-        # .cpu(): sample.py may load the checkpoint straight onto the GPU; the split lives on the CPU
-        return cls(state["length"], state["alphabet"], heldout=state["heldout"].cpu())
+        return cls(state["length"], state["alphabet"], heldout=state["heldout"])
 
 
 # ---- plain text ---------------------------------------------------------------------------
