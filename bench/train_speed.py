@@ -19,7 +19,9 @@ from common import ROOT, matmul_peak_gflops, peak_rss_mb, run_case, write_result
 sys.path.insert(0, str(ROOT))
 from model.config import TrainConfig, load_config  # noqa: E402
 from model.schedule import get_lr  # noqa: E402
-from model.trainer import autocast_context, derived_seed, prepare_run, train_step  # noqa: E402
+from model.runtime import autocast_context  # noqa: E402
+from model.start import prepare_run  # noqa: E402
+from model.trainer import derived_seed, train_step  # noqa: E402
 
 CASES = {
     "sort": ["configs/sort.py"],

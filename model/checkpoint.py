@@ -1,16 +1,27 @@
 """Checkpoints: nanoGPT's format (model, model_args, optimizer, iter_num, best_val_loss, config)
-plus our tokenizer and task data, written atomically and read without running pickled code."""
+plus our tokenizer and task data, written atomically and read without running pickled code,
+and open_model(), the one way every command opens a model to use it.
+
+model_args holds exactly the fields nanoGPT's GPTConfig takes, so nanoGPT's sample.py loads our
+checkpoints; the architecture choices nanoGPT lacks go in model_extra, which nanoGPT ignores.
+"""
 
 import os
 import pickle
-from dataclasses import fields
+import sys
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-from model.config import UserError
+from model.errors import UserError
 from model.gpt import GPT, GPTConfig
+from model.runtime import resolve_device
+from model.tasks import task_from_checkpoint
 from model.tokenizer import CharTokenizer
+
+NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
+RUNTIME_ARGS = ("attention",)  # how the model computes, not what it is: never stored
 
 LATEST = Path("out") / "latest.txt"  # records the checkpoint train.py wrote last
 TRAIN_HINT = "train one first, e.g. python train.py configs/sort.py"
@@ -83,15 +94,30 @@ def clean_state_dict(state_dict):
     return out
 
 
-def model_from_checkpoint(ckpt, device="cpu"):
-    """The GPT a checkpoint describes, with its weights. model_args that do not fit the weights
-    raise UserError naming the mismatch."""
-    known = {f.name for f in fields(GPTConfig)}
+def model_args_of(config):
+    """GPTConfig -> (model_args, model_extra): nanoGPT's fields, and our other architecture fields."""
+    fields_ = asdict(config)
+    args = {k: fields_[k] for k in NANOGPT_ARGS}
+    extra = {k: v for k, v in fields_.items() if k not in NANOGPT_ARGS and k not in RUNTIME_ARGS}
+    return args, extra
+
+
+def config_of(ckpt, **overrides):
+    """The GPTConfig a checkpoint describes (model_args, then model_extra; older checkpoints kept
+    the extra fields in model_args). Invalid values raise UserError."""
+    known = {f.name for f in fields(GPTConfig)} - set(RUNTIME_ARGS)
+    args = {**ckpt["model_args"], **ckpt.get("model_extra", {})}
     try:
-        config = GPTConfig(**{k: v for k, v in ckpt["model_args"].items() if k in known})
-    except (TypeError, ValueError) as e:
+        return GPTConfig(**{**{k: v for k, v in args.items() if k in known}, **overrides})
+    except (TypeError, UserError) as e:
         raise UserError(f"the checkpoint's model_args are invalid: {e}") from None
-    model = GPT(config)
+
+
+def model_from_checkpoint(ckpt, device="cpu", **overrides):
+    """The GPT a checkpoint describes, with its weights. model_args that do not fit the weights
+    raise UserError naming the mismatch. `overrides` are GPTConfig fields that do not change the
+    weights (dropout, attention)."""
+    model = GPT(config_of(ckpt, **overrides))
     state = clean_state_dict(ckpt["model"])
     if "lm_head.weight" not in state and "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]  # tied; some tools save it once
@@ -134,3 +160,29 @@ def tokenizer_from_meta(path):
         raise
     except Exception as e:
         raise UserError(f"{path} is not a nanoGPT meta.pkl with an 'itos' vocabulary: {e}") from None
+
+
+@dataclass
+class OpenedModel:
+    """A checkpoint opened for use: the model in eval mode on `device`, its tokenizer (None for
+    a nanoGPT checkpoint without --meta) and its task."""
+    path: Path
+    ckpt: dict
+    model: GPT
+    tokenizer: object
+    task: object
+    device: str
+
+
+def open_model(out_dir="", ckpt="", device="cpu", meta="", quiet=False):
+    """The one way to open a model: a checkpoint file, an out_dir, or (neither) the one train.py
+    wrote last -> OpenedModel. Says on stderr which checkpoint it opened unless quiet."""
+    device = resolve_device(device)
+    path = find_checkpoint(out_dir, ckpt)
+    if not quiet:
+        print(f"checkpoint: {path}", file=sys.stderr)
+    checkpoint = load_checkpoint(path)
+    model = model_from_checkpoint(checkpoint, device).eval()
+    tokenizer = tokenizer_from_checkpoint(checkpoint, meta)
+    task = task_from_checkpoint(checkpoint, tokenizer, model.config.block_size)
+    return OpenedModel(path, checkpoint, model, tokenizer, task, device)

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from model.errors import UserError
+
 GELU_FORMS = ("exact", "tanh")  # exact: x * Phi(x) with erf; tanh: GPT-2's approximation
 ATTENTION_FORMS = ("sdpa", "explicit")  # fused kernel, or the maths written out
 
@@ -28,21 +30,22 @@ class GPTConfig:
     attention: str = "sdpa"
 
     def __post_init__(self):
+        """The one place model fields are checked: a value no model can have is a UserError."""
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(
+            raise UserError(
                 f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head gets "
                 f"n_embd // n_head channels; pick n_embd a multiple of n_head "
                 f"(e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.gelu not in GELU_FORMS:
-            raise ValueError(f"gelu must be one of {GELU_FORMS}, got {self.gelu!r}")
+            raise UserError(f"gelu must be one of {GELU_FORMS}, got {self.gelu!r}")
         if self.attention not in ATTENTION_FORMS:
-            raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {self.attention!r}")
+            raise UserError(f"attention must be one of {ATTENTION_FORMS}, got {self.attention!r}")
 
 
 class KVCache:
@@ -229,10 +232,10 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices and embeddings (2+ dims) only, never on biases
-        or LayerNorm gains. Fused kernel on CUDA."""
+        or LayerNorm gains. The fused kernel (one pass over all parameters) on CUDA and CPU."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))

@@ -14,14 +14,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from model import reference as ref
-from model.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-from model.config import PlotConfig, UserError, load_config, run_command
+from model.checkpoint import open_model
+from model.config import PlotConfig, load_config, run_command
+from model.errors import UserError
 from model.report import write_report
-from model.sampling import generate
-from model.tasks import SortTask
 from model.tokenizer import visible
 
 CJK_FONTS = ["Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei",
@@ -119,38 +117,13 @@ def plot_attention(model, tokens, ids, png_path):
     return png_path
 
 
-def prompt_ids(ckpt, model, start):
-    """The prompt the attention maps are drawn for, as (tokens, ids)."""
-    if ckpt.get("task", {}).get("type") == "sort":
-        task = SortTask.from_state(ckpt["task"])
-        tok = task.tokenizer
-        letters = start or tok.decode(task.inputs(task.splits["val"][:1])[0].tolist())
-        if len(letters) != task.length or tok.unknown(letters):
-            raise UserError(f"--start must be {task.length} letters from {task.alphabet}, got {letters!r}")
-        x = torch.tensor([tok.encode(letters)])
-        ids = generate(model, x, task.length - 1, temperature=0.0)[0].tolist()  # input + answer, as trained
-        return [tok.itos[i] for i in ids], ids
-    tok = tokenizer_from_checkpoint(ckpt)
-    if start:
-        unknown = tok.unknown(start)
-        if unknown:
-            raise UserError(f"--start has characters the model does not know: {''.join(unknown)!r}")
-        ids = tok.encode(start)[-model.config.block_size:]
-    else:  # the model's own text: a greedy continuation of a fresh line
-        first = tok.encode(tok.start_text())
-        ids = generate(model, torch.tensor([first]), min(24, model.config.block_size) - 1, temperature=0.0)[0].tolist()
-    return [tok.itos[i] for i in ids], ids
-
-
 def make_plots(out_dir, start=""):
     """loss.png and attention.png in out_dir, then report.md again with the plots linked."""
-    path = find_checkpoint(out_dir=out_dir)
-    out = path.parent
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt).eval()
+    opened = open_model(out_dir=out_dir, quiet=True)
+    out = opened.path.parent
     made = [plot_losses(out / "metrics.jsonl", out / "loss.png")]
-    tokens, ids = prompt_ids(ckpt, model, start)
-    made.append(plot_attention(model, tokens, ids, out / "attention.png"))
+    tokens, ids = opened.task.attention_prompt(opened.model, start)
+    made.append(plot_attention(opened.model, tokens, ids, out / "attention.png"))
     if (out / "run.json").is_file():
         made.append(write_report(out))
     return made

@@ -34,14 +34,15 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
-             generator=None, use_cache=True, on_token=None):
+             generator=None, use_cache=True, on_token=None, vocab_limit=None):
     """Extend idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).
 
     The model reads a window of at most block_size recent tokens. When the window is full it
     drops its older half and goes on (one recompute of the kept half, then one token per step
     again), so the KV cache stays useful past block_size; with use_cache=False every step
     recomputes the same window from scratch, giving the same tokens more slowly.
-    on_token(ids (B, 1)) is called after each new token, for streaming."""
+    on_token(ids (B, 1)) is called after each new token, for streaming. With vocab_limit, ids
+    from vocab_limit on (a model's vocabulary padded past its tokenizer's) are never drawn."""
     was_training = model.training
     model.eval()
     block_size = model.config.block_size
@@ -58,7 +59,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
             logits, _ = model(idx[:, start:], kv_cache=cache)
         else:
             logits, _ = model(idx[:, -1:], kv_cache=cache)
-        next_id = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+        logits = logits[:, -1, :vocab_limit]
+        next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
         idx = torch.cat([idx, next_id], dim=1)
         if on_token is not None:
             on_token(next_id)

@@ -1,20 +1,23 @@
-"""The two kinds of training data: the letter-sorting task and plain text.
+"""The tasks a model learns and is used for: sorting letters, and plain text.
 
-Both give batches as (x, y) pairs of (B, T) int64 tensors, y being x shifted by one token,
-with -1 where no loss is taken.
+A task owns everything that differs between them: its block size, its batches, its
+evaluation, how sample.py reads a prompt and prints the model's answer, the demo lines of the
+run report, and the prompt of the attention plots. Batches are (x, y) pairs of (B, T) int64
+tensors, y being x shifted by one token, with -1 where no loss is taken.
 """
 
-import hashlib
-import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.config import UserError
+from model.data import prepare_tokens, read_text
+from model.errors import UserError
+from model.sampling import generate
 from model.tokenizer import CharTokenizer
+
+SEPARATOR = "-" * 40  # between samples
 
 
 # ---- sorting letters ----------------------------------------------------------------------
@@ -29,6 +32,10 @@ class SortTask:
     EVAL_LIMIT = 10_000  # larger splits are scored on a fixed random subset of this size
 
     def __init__(self, length=6, alphabet="ABC", holdout=0.2, seed=1337, heldout=None):
+        if len(set(alphabet)) < 2 or len(set(alphabet)) != len(alphabet):
+            raise UserError(f"sort_alphabet needs at least 2 distinct letters, each once; got {alphabet!r}")
+        if not 0.0 < holdout < 1.0:
+            raise UserError(f"sort_holdout must be in (0, 1), got {holdout}")
         self.length = length
         self.alphabet = alphabet
         self.tokenizer = CharTokenizer(list(alphabet))  # ids follow the alphabet: A=0, B=1, C=2
@@ -42,6 +49,16 @@ class SortTask:
         is_heldout = torch.zeros(n, dtype=torch.bool)
         is_heldout[heldout] = True
         self.splits = {"val": heldout, "train": perm[~is_heldout[perm]]}
+
+    @classmethod
+    def for_training(cls, cfg, start):
+        """A new task from the config, or (resuming) the checkpoint's task with its exact split."""
+        if start.mode == "resume":
+            return cls.from_state(start.ckpt["task"])
+        if start.mode == "finetune":
+            raise UserError("a sorter is not fine-tuned from another model: train it from scratch, or continue "
+                            "it with --init_from=resume")
+        return cls(cfg.sort_length, cfg.sort_alphabet, cfg.sort_holdout, cfg.seed)
 
     def inputs(self, numbers):
         """Input numbers (N,) -> their letters as token ids (N, length)."""
@@ -70,7 +87,6 @@ class SortTask:
 
     def answers(self, model, letters, device):
         """The model's greedy answers to inputs (N, length) -> (N, length), on the CPU."""
-        from model.sampling import generate  # here, not at the top: sampling needs no tasks
         return generate(model, letters.to(device), self.length, temperature=0.0)[:, self.length:].cpu()
 
     def accuracy(self, model, split, device):
@@ -83,6 +99,10 @@ class SortTask:
         return {"heldout_acc": self.accuracy(model, "val", device),
                 "train_acc": self.accuracy(model, "train", device)}
 
+    def solved(self, evaluation):
+        """Why training may stop now (every held-out input sorted right), or None."""
+        return "heldout_acc 100%" if evaluation.get("heldout_acc") == 1.0 else None
+
     def state(self):
         """Plain data for the checkpoint: enough to rebuild the task and its exact split."""
         return {"type": "sort", "length": self.length, "alphabet": self.alphabet,
@@ -92,93 +112,209 @@ class SortTask:
     def from_state(cls, state):
         return cls(state["length"], state["alphabet"], heldout=state["heldout"])
 
+    # ---- what the commands show ----
+
+    def describe(self, config):
+        return f"sort {self.length} letters from {self.alphabet}"
+
+    def report_rows(self, run):
+        if run.get("heldout_acc") is None:
+            return []
+        sizes = {k: min(len(v), self.EVAL_LIMIT) for k, v in self.splits.items()}
+        return [("held-out exact match", f"{run['heldout_acc']:.1%} of {sizes['val']} inputs"),
+                ("training exact match", f"{run['train_acc']:.1%} of {sizes['train']} inputs")]
+
+    def demo(self, model, device, count=3):
+        """The model's answers to the first held-out inputs, wrong ones marked."""
+        letters = self.inputs(self.splits["val"][:count])
+        answers = self.answers(model, letters, device)
+        return "\n".join(f"{self.tokenizer.decode(x.tolist())} -> {self.tokenizer.decode(a.tolist())}"
+                         f"{'' if torch.equal(a, x.sort().values) else '  (wrong)'}" for x, a in zip(letters, answers))
+
+    def read_letters(self, text):
+        """A prompt as letters (1, length), or UserError saying what a prompt must be."""
+        text = text.strip()
+        if len(text) != self.length or self.tokenizer.unknown(text):
+            raise UserError(f"--start must be {self.length} letters from {self.alphabet}, got {text!r}")
+        return torch.tensor([self.tokenizer.encode(text)])
+
+    def attention_prompt(self, model, start):
+        """An input and the model's greedy answer (as trained), as (tokens, ids)."""
+        letters = self.read_letters(start) if start else self.inputs(self.splits["val"][:1])
+        ids = generate(model, letters, self.length - 1, temperature=0.0)[0].tolist()
+        return [self.tokenizer.itos[i] for i in ids], ids
+
+    def sample(self, cfg, prompt, model, device):
+        """sample.py: --eval scores every input; --start prints its answer; else random inputs, marked."""
+        if cfg.eval:
+            for split, name in (("val", "held-out"), ("train", "training")):
+                n = min(len(self.splits[split]), self.EVAL_LIMIT)
+                print(f"{name} inputs: {self.accuracy(model, split, device):.1%} of {n} sorted exactly")
+            return
+        if prompt:
+            letters = self.read_letters(prompt)
+        else:
+            g = torch.Generator().manual_seed(cfg.seed)
+            letters = torch.randint(len(self.alphabet), (cfg.num_samples, self.length), generator=g)
+        answers = self.answers(model, letters, device)
+        heldout = set(self.splits["val"].tolist())
+        decode = self.tokenizer.decode
+        for inp, ans, number in zip(letters, answers, self.numbers(letters).tolist()):
+            expected = inp.sort().values
+            mark = "right" if torch.equal(ans, expected) else f"wrong, expected {decode(expected.tolist())}"
+            where = "held-out" if number in heldout else "seen in training"
+            line = f"{decode(inp.tolist())} -> {decode(ans.tolist())}"
+            print(line if prompt else f"{line}  ({mark}; {where})")
+        if prompt and not torch.equal(answers[0], letters[0].sort().values):
+            print(f"(wrong: sorted is {decode(letters[0].sort().values.tolist())})")
+
 
 # ---- plain text ---------------------------------------------------------------------------
 
-def read_text(path):
-    """A UTF-8 text file, or every .txt file of a folder (sorted by name, joined by newlines)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(p.rglob("*.txt"))
-        if not files:
-            raise UserError(f"folder {path} holds no .txt files")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise UserError(f"data {path} not found: give a UTF-8 text file or a folder of .txt files")
-    texts = []
-    for f in files:
-        raw = f.read_bytes()
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{f} is not UTF-8 text: byte {e.start} (0x{raw[e.start]:02x}) cannot be "
-                            f"decoded; convert it, e.g. iconv -f GBK -t UTF-8 {f.name} > fixed.txt") from None
-    return "\n".join(texts)
-
-
 class TextTask:
-    """Character-level language modelling on a text. The text is tokenised once into
-    prepared/train.bin and prepared/val.bin (uint16, uint32 past 65,535 characters) under
-    out_dir and read back memory-mapped; a run on the same text and vocabulary reuses them."""
+    """Language modelling on a text: predict each next token. For training, the text's token
+    ids are prepared once (model/data.py) and read back memory-mapped; for inference the task
+    needs only the tokenizer (None for a nanoGPT checkpoint: ids in, ids out)."""
 
-    def __init__(self, text, tokenizer, prepared_dir, block_size, val_fraction):
+    def __init__(self, tokenizer, block_size, data=None):
         self.tokenizer = tokenizer
         self.block_size = block_size
+        self.data = data  # {"train": ids, "val": ids}, training only
+
+    @classmethod
+    def for_training(cls, cfg, start):
+        """The text of cfg.data with the tokenizer and block size the start calls for: new from
+        the text, the checkpoint's (resume), or the base model's grown by the text's new
+        characters (fine-tune)."""
+        text = read_text(cfg.data)
         if not text:
             raise UserError("the text is empty: give a file with at least a few hundred characters")
-        self.data = prepare_tokens(text, tokenizer, Path(prepared_dir), val_fraction)
-        n_train, n_val = len(self.data["train"]), len(self.data["val"])
-        if n_train < block_size + 1:
-            need = int((block_size + 1) / (1 - val_fraction)) + 1
-            raise UserError(f"the text is too short: its training part has {n_train} characters and "
-                            f"block_size={block_size} needs at least {block_size + 1} (a text of about "
-                            f"{need} characters with val_fraction={val_fraction}); use more text or a "
-                            f"smaller --block_size")
-        if n_val < block_size + 1:
-            if val_fraction > 0:
-                enough = math.ceil(100 * (block_size + 2) / (n_train + n_val)) / 100
-                print(f"warning: the validation split has {n_val} characters, fewer than block_size + 1 = "
-                      f"{block_size + 1}; the val loss is measured on the training text instead. To fix "
-                      f"it, raise --val_fraction (to {enough:.2f} or more) or lower --block_size "
-                      f"(to {max(1, n_val - 1)} or less)", file=sys.stderr)
-            self.data["val"] = self.data["train"]
+        if start.mode == "scratch":
+            tokenizer, block_size = CharTokenizer.from_text(text), cfg.block_size
+        else:
+            tokenizer, block_size = start.tokenizer, start.model_args["block_size"]
+            if start.mode == "finetune":
+                tokenizer = tokenizer.extend(text)
+                block_size = cfg.block_size or block_size
+                if block_size > start.model_args["block_size"]:
+                    raise UserError(f"block_size={block_size} is larger than the base model's "
+                                    f"{start.model_args['block_size']}; a fine-tune can keep it or reduce it "
+                                    f"(--block_size={start.model_args['block_size']} or less)")
+        data = prepare_tokens(text, tokenizer, Path(cfg.out_dir) / "prepared", cfg.val_fraction)
+        return cls(tokenizer, block_size, checked_splits(data, block_size, cfg.val_fraction))
 
     def get_batch(self, split, batch_size, generator):
         data = self.data[split]
         T = self.block_size
-        starts = torch.randint(len(data) - T, (batch_size,), generator=generator).tolist()
-        x = torch.stack([torch.from_numpy(data[i:i + T].astype(np.int64)) for i in starts])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + T].astype(np.int64)) for i in starts])
-        return x, y
+        starts = torch.randint(len(data) - T, (batch_size,), generator=generator).numpy()
+        rows = torch.from_numpy(data[starts[:, None] + np.arange(T + 1)].astype(np.int64))  # (B, T + 1)
+        return rows[:, :-1], rows[:, 1:]
 
     def evaluate(self, model, device):
         return {}
 
+    def solved(self, evaluation):
+        return None
+
     def state(self):
         return {"type": "text"}
 
+    # ---- what the commands show ----
 
-def token_dtype(vocab_size):
-    return np.uint16 if vocab_size <= 65536 else np.uint32
+    def describe(self, config):
+        return f"text from {config.get('data')} ({self.tokenizer.vocab_size} characters)"
+
+    def report_rows(self, run):
+        return []
+
+    def demo(self, model, device, count=3, new_tokens=100):
+        """A few samples at temperature 0.8 from a fresh line (seeded: the same every time)."""
+        tok = self.tokenizer
+        ids = torch.tensor([tok.encode(tok.start_text())] * count, device=device)
+        out = generate(model, ids, new_tokens, temperature=0.8, generator=torch.Generator(device).manual_seed(1337),
+                       vocab_limit=tok.vocab_size)
+        return f"\n{SEPARATOR}\n".join(tok.decode(row.tolist()) for row in out)
+
+    def encode_prompt(self, text):
+        unknown = self.tokenizer.unknown(text)
+        if unknown:
+            raise UserError(f"--start has characters the model does not know: {''.join(unknown)!r}")
+        return self.tokenizer.encode(text)
+
+    def attention_prompt(self, model, start):
+        """The prompt's last block_size tokens, or the model's own greedy line from a fresh line."""
+        tok = self.tokenizer
+        if start:
+            ids = self.encode_prompt(start)[-self.block_size:]
+        else:
+            first = torch.tensor([tok.encode(tok.start_text())])
+            ids = generate(model, first, min(24, self.block_size) - 1, temperature=0.0)[0].tolist()
+        return [tok.itos[i] for i in ids], ids
+
+    def sample(self, cfg, prompt, model, device):
+        """sample.py: num_samples continuations of the prompt, generated as one batch. The first
+        streams as it comes; the others print when they are done."""
+        if self.tokenizer is None:
+            ids, decode = prompt_ids(prompt), lambda row: " ".join(str(i) for i in row)
+        else:
+            ids = self.tokenizer.encode(prompt or self.tokenizer.start_text(), drop_unknown=cfg.drop_unknown)
+            decode = self.tokenizer.decode
+            if not ids:
+                raise UserError("the prompt is empty once unknown characters are dropped; give --start with known "
+                                "characters")
+        if len(ids) > self.block_size:
+            print(f"notice: the prompt has {len(ids)} tokens; the model reads its last {self.block_size} "
+                  f"(block_size)", file=sys.stderr)
+        print(decode(ids), end="", flush=True)
+        stream = lambda t: print(("" if self.tokenizer else " ") + decode([t[0].item()]), end="", flush=True)  # noqa: E731
+        out = generate(model, torch.tensor([ids] * cfg.num_samples, device=device), cfg.max_new_tokens,
+                       cfg.temperature, cfg.top_k, cfg.top_p, torch.Generator(device).manual_seed(cfg.seed),
+                       cfg.kv_cache, on_token=stream,
+                       vocab_limit=self.tokenizer.vocab_size if self.tokenizer else None)
+        for row in out[1:]:
+            print(f"\n{SEPARATOR}\n{decode(row.tolist())}", end="")
+        print()
 
 
-def prepare_tokens(text, tokenizer, prepared_dir, val_fraction):
-    """Token ids of the text split into train and val, as memory-mapped arrays, prepared once:
-    a meta.json records the text's hash and the vocabulary they were made with."""
-    key = {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-           "itos_sha256": hashlib.sha256("".join(tokenizer.itos).encode("utf-8")).hexdigest(),
-           "val_fraction": val_fraction,
-           "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name}
-    meta_path = prepared_dir / "meta.json"
-    paths = {s: prepared_dir / f"{s}.bin" for s in ("train", "val")}
-    if not (meta_path.is_file() and json.loads(meta_path.read_text()) == key and all(p.is_file() for p in paths.values())):
-        ids = tokenizer.encode_array(text).astype(key["dtype"])
-        n_val = int(len(ids) * val_fraction)
-        prepared_dir.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)  # a crash below leaves no meta, so no stale reuse
-        ids[:len(ids) - n_val].tofile(paths["train"])
-        ids[len(ids) - n_val:].tofile(paths["val"])
-        meta_path.write_text(json.dumps(key))
-    return {s: np.memmap(p, dtype=key["dtype"], mode="r") if p.stat().st_size else np.zeros(0, key["dtype"])
-            for s, p in paths.items()}
+def prompt_ids(prompt):
+    """Without a vocabulary the prompt is token ids ('1 5 2'); none given: token 0."""
+    try:
+        return [int(t) for t in prompt.split()] or [0]
+    except ValueError:
+        raise UserError(f"without a vocabulary --start must be token ids like '1 5 2', got {prompt!r}") from None
+
+
+def checked_splits(data, block_size, val_fraction):
+    """The prepared splits, if the training part holds a block; a validation part too short
+    for one falls back, with a warning and a fix, to the training text."""
+    n_train, n_val = len(data["train"]), len(data["val"])
+    if n_train < block_size + 1:
+        need = int((block_size + 1) / (1 - val_fraction)) + 1
+        raise UserError(f"the text is too short: its training part has {n_train} characters and "
+                        f"block_size={block_size} needs at least {block_size + 1} (a text of about "
+                        f"{need} characters with val_fraction={val_fraction}); use more text or a "
+                        f"smaller --block_size")
+    if n_val < block_size + 1:
+        if val_fraction > 0:
+            enough = np.ceil(100 * (block_size + 2) / (n_train + n_val)) / 100
+            print(f"warning: the validation split has {n_val} characters, fewer than block_size + 1 = "
+                  f"{block_size + 1}; the val loss is measured on the training text instead. To fix "
+                  f"it, raise --val_fraction (to {enough:.2f} or more) or lower --block_size "
+                  f"(to {max(1, n_val - 1)} or less)", file=sys.stderr)
+        data["val"] = data["train"]
+    return data
+
+
+TASKS = {"sort": SortTask, "text": TextTask}
+
+
+def task_for_training(cfg, start):
+    return TASKS[cfg.task].for_training(cfg, start)
+
+
+def task_from_checkpoint(ckpt, tokenizer, block_size):
+    """The task a checkpoint was trained on, for using the model (no training data)."""
+    state = ckpt.get("task") or {"type": "text"}
+    if state["type"] == "sort":
+        return SortTask.from_state(state)
+    return TextTask(tokenizer, block_size)

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.config import UserError
+from model.errors import UserError
 
 
 def visible(ch):

@@ -7,115 +7,25 @@ iteration i continues exactly as if it had never stopped, with any number of pro
 
 import json
 import math
-import os
 import signal
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model.checkpoint import (find_checkpoint, load_checkpoint, model_from_checkpoint, record_latest,
-                              save_checkpoint, tokenizer_from_checkpoint)
-from model.config import UserError, format_config
+from model.checkpoint import model_args_of, record_latest, save_checkpoint
 from model.report import write_report, write_run_summary
-from model.gpt import GPT, GPTConfig
+from model.runtime import autocast_context, end_processes, reduce_across_ranks
 from model.schedule import get_lr
-from model.tasks import SortTask, TextTask, read_text
-from model.tokenizer import CharTokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+from model.start import prepare_run
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-# ---- devices and precision ----------------------------------------------------------------
-
-def available_devices():
-    found = ["cpu"]
-    if torch.cuda.is_available():
-        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        found.append("mps")
-    return found
-
-
-def resolve_device(name):
-    """'auto' -> cuda, then mps, then cpu. An explicit device that is not here raises UserError
-    listing the ones that are."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    found = available_devices()
-    kind, _, index = name.partition(":")
-    ok = (kind == "cpu" and not index) or (kind == "mps" and not index and "mps" in found) or (
-        kind == "cuda" and (f"cuda:{index or 0}" in found))
-    if not ok:
-        raise UserError(f"device {name!r} is not available on this machine; available: {', '.join(found)}")
-    return name
-
-
-def resolve_dtype(name, device_type):
-    """'auto': bfloat16 on CUDA where supported, else float16 there; float32 elsewhere."""
-    if name == "auto":
-        if device_type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return DTYPES[name]
-
-
-def autocast_context(device_type, dtype):
-    """Mixed precision: weights stay float32 (float64 for the parity tests), matmuls run in
-    bfloat16/float16 under autocast."""
-    if dtype in (torch.bfloat16, torch.float16):
-        return torch.autocast(device_type=device_type, dtype=dtype)
-    return nullcontext()
-
-
-@dataclass
-class Runtime:
-    device: str
-    device_type: str
-    dtype: torch.dtype
-    ddp: bool = False
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-
-def setup_runtime(cfg):
-    """One process, or one of many started by torchrun (RANK/WORLD_SIZE in the environment):
-    NCCL on CUDA, Gloo on CPU."""
-    if "RANK" not in os.environ:
-        device = resolve_device(cfg.device)
-        rt = Runtime(device, device.split(":")[0], None)
-    else:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-        if use_cuda:
-            resolve_device("cuda")  # a clear error when there is none
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        elif cfg.device not in ("auto", "cpu"):
-            raise UserError(f"torchrun supports CUDA (NCCL) and CPU (Gloo); got --device={cfg.device}")
-        else:
-            device = "cpu"
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rt = Runtime(device, device.split(":")[0], None, True, rank, local_rank, int(os.environ["WORLD_SIZE"]))
-    rt.dtype = resolve_dtype(cfg.dtype, rt.device_type)
-    if rt.device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls where float32 remains
-    return rt
 
 
 # ---- one optimizer step -------------------------------------------------------------------
@@ -151,127 +61,15 @@ def derived_seed(*parts):
     return hash(tuple(parts)) & 0x7FFF_FFFF_FFFF_FFFF  # hash of a tuple of ints is not randomised
 
 
-# ---- setting up a run ---------------------------------------------------------------------
-
-@dataclass
-class Run:
-    """Everything a training run works with, built by prepare_run()."""
-    cfg: object
-    rt: Runtime
-    model: GPT
-    optimizer: torch.optim.Optimizer
-    task: object
-    iter_num: int = 0
-    best_val_loss: float = float("inf")
-
-
-def check_writable(out_dir):
-    """Fail now, not after an hour of training, if checkpoints cannot be written."""
-    path = Path(out_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another with --out_dir") from None
-
-
-@contextmanager
-def rank0_first(rt):
-    """Rank 0 does the block first (e.g. writes prepared data), then the others (which reuse it)."""
-    if rt.ddp and not rt.master:
-        dist.barrier()
-    yield
-    if rt.ddp and rt.master:
-        dist.barrier()
-
-
-def make_task(cfg, ckpt, finetune, block_size):
-    """The sort task or a text task. Resuming takes the tokenizer and split from the checkpoint;
-    fine-tuning extends the base model's vocabulary with the new text's characters."""
-    if cfg.task == "sort":
-        if ckpt is not None and not finetune:
-            return SortTask.from_state(ckpt["task"])
-        return SortTask(cfg.sort_length, cfg.sort_alphabet, cfg.sort_holdout, cfg.seed)
-    text = read_text(cfg.data)
-    if ckpt is None:
-        tokenizer = CharTokenizer.from_text(text)
-    else:
-        tokenizer = tokenizer_from_checkpoint(ckpt)
-        if tokenizer is None:
-            raise UserError("the checkpoint has no tokenizer (a nanoGPT checkpoint?); it cannot be trained on text here")
-        if finetune:
-            tokenizer = tokenizer.extend(text)
-    return TextTask(text, tokenizer, Path(cfg.out_dir) / "prepared", block_size, cfg.val_fraction)
-
-
-def grow_vocabulary(state, vocab_size, generator):
-    """Fine-tuning: new characters get new rows in the (tied) token embedding, initialised like
-    fresh embeddings, N(0, 0.02); the rows of known characters are kept as they are."""
-    wte = state["transformer.wte.weight"]
-    extra = torch.randn(vocab_size - wte.size(0), wte.size(1), generator=generator, dtype=wte.dtype) * 0.02
-    state["transformer.wte.weight"] = state["lm_head.weight"] = torch.cat([wte, extra.to(wte.device)])
-
-
-def prepare_run(cfg):
-    """Resolve the config, set up devices, data, model and optimizer; print what was chosen."""
-    cfg.validate()
-    rt = setup_runtime(cfg)
-    if cfg.gradient_accumulation_steps % rt.world_size:
-        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of "
-                        f"the number of processes ({rt.world_size})")
-    if rt.master:
-        check_writable(cfg.out_dir)
-    ckpt, finetune = None, False
-    if cfg.init_from == "resume":
-        ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
-        cfg = replace(cfg, task=ckpt["task"]["type"])
-    elif cfg.init_from != "scratch":
-        ckpt, finetune = load_checkpoint(find_checkpoint(out_dir=cfg.init_from)), True
-
-    if ckpt is not None:
-        model_args = {k: v for k, v in ckpt["model_args"].items() if k in GPTConfig.__dataclass_fields__}
-    else:
-        model_args = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "bias", "gelu")}
-    model_args.update(dropout=cfg.dropout, attention=cfg.attention)
-    if cfg.task == "sort":
-        block_size = 2 * (ckpt["task"]["length"] if ckpt and not finetune else cfg.sort_length) - 1
-    elif finetune:
-        base = model_args["block_size"]
-        block_size = cfg.block_size or base
-        if block_size > base:
-            raise UserError(f"block_size={block_size} is larger than the base model's {base}; "
-                            f"a fine-tune can keep it or reduce it (--block_size={base} or less)")
-    else:
-        block_size = model_args.get("block_size", cfg.block_size)
-    with rank0_first(rt):
-        task = make_task(cfg, ckpt, finetune, block_size)
-    model_args.update(block_size=block_size, vocab_size=task.tokenizer.vocab_size)
-    cfg = replace(cfg, block_size=block_size, **{k: model_args[k] for k in ("n_layer", "n_head", "n_embd", "bias", "gelu")})
-
-    torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**model_args))
-    if ckpt is not None:
-        state = model_from_checkpoint(ckpt).state_dict()
-        if finetune:
-            state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
-            grow_vocabulary(state, task.tokenizer.vocab_size, torch.Generator().manual_seed(cfg.seed))
-        model.load_state_dict(state)
-    model.to(rt.device, dtype=torch.float64 if rt.dtype == torch.float64 else torch.float32)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
-    run = Run(cfg, rt, model, optimizer, task)
-    if cfg.init_from == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
-        run.iter_num, run.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    if rt.master:
-        how = {"scratch": "from scratch", "resume": f"resuming at iteration {run.iter_num}"}.get(
-            cfg.init_from, f"fine-tuning {cfg.init_from}")
-        print(f"config:\n{format_config(cfg)}")
-        print(f"device: {rt.device}{' (auto)' if cfg.device == 'auto' else ''}, dtype: "
-              f"{str(rt.dtype).replace('torch.', '')}, processes: {rt.world_size}")
-        print(f"model: {model.num_params():,} parameters, {how}")
-    return run
+def micro_batches(run, it):
+    """This process's share of iteration it's micro-batches, on its device."""
+    cfg, rt = run.cfg, run.rt
+    per_rank = cfg.gradient_accumulation_steps // rt.world_size
+    out = []
+    for m in range(rt.rank * per_rank, (rt.rank + 1) * per_rank):
+        x, y = run.task.get_batch("train", cfg.batch_size, torch.Generator().manual_seed(derived_seed(cfg.seed, it, m)))
+        out.append((x.to(rt.device), y.to(rt.device)))
+    return out
 
 
 # ---- evaluation, logging, checkpoints -----------------------------------------------------
@@ -295,10 +93,18 @@ def estimate_losses(run, autocast):
     return out
 
 
+def evaluate(run, autocast):
+    ev = estimate_losses(run, autocast)
+    ev.update(run.task.evaluate(run.model, run.rt.device))
+    return ev
+
+
 def checkpoint_dict(run):
+    model_args, model_extra = model_args_of(run.model.config)
     return {
         "model": run.model.state_dict(),
-        "model_args": asdict(run.model.config),
+        "model_args": model_args,  # exactly nanoGPT's GPTConfig fields
+        "model_extra": model_extra,  # the rest of ours (nanoGPT ignores it)
         "optimizer": run.optimizer.state_dict(),
         "iter_num": run.iter_num,
         "best_val_loss": run.best_val_loss,
@@ -309,9 +115,11 @@ def checkpoint_dict(run):
 
 
 def save(run):
+    """Write out_dir/ckpt.pt (rank 0 only) and remember which iteration is on disk."""
     path = Path(run.cfg.out_dir) / "ckpt.pt"
     save_checkpoint(checkpoint_dict(run), path)
     record_latest(path)
+    run.saved_iter = run.iter_num
     return path
 
 
@@ -356,108 +164,126 @@ class StopRequest:
 
 # ---- the loop -----------------------------------------------------------------------------
 
+class Progress:
+    """What the loop shows and keeps while it runs: the bar, the metrics log (rank 0), the
+    summary it returns, and the clock for tokens/s (which counts training steps only)."""
+
+    def __init__(self, run):
+        cfg, master = run.cfg, run.rt.master
+        self.log = MetricsLog(cfg.out_dir, append=cfg.init_from == "resume") if master else None
+        self.bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not master, unit="it", dynamic_ncols=True)
+        self.summary = {"stopped": "max_iters", "checkpoint": None, "loss": None}
+        self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * run.task.block_size
+        self.start = self.last = time.time()
+        self.shown = {}  # the latest accuracies, for the bar
+
+    def step(self, run, loss, lr):
+        now = time.time()
+        tok_s = self.tokens_per_iter / max(now - self.last, 1e-9)
+        self.last = now
+        self.summary["loss"] = loss
+        self.bar.update(1)
+        it = run.iter_num
+        if self.log and (it % run.cfg.log_interval == 0 or it == 1):
+            self.log.write(iter=it, loss=loss, lr=lr, tokens_per_s=tok_s, time_s=now - self.start)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", **self.shown, refresh=False)
+
+    def evaluation(self, run, ev):
+        self.summary.update(ev)
+        self.shown = {k.replace("_acc", ""): f"{v:.1%}" for k, v in ev.items() if k.endswith("_acc")}
+        if self.log:
+            self.log.write(iter=run.iter_num, time_s=time.time() - self.start, **ev)
+            self.bar.write(f"iter {run.iter_num}: " + ", ".join(
+                f"{k} {v:.1%}" if k.endswith("_acc") else f"{k} {v:.4f}" for k, v in ev.items()))
+
+    def close(self):
+        self.bar.close()
+        if self.log:
+            self.log.close()
+
+
 def train(cfg):
     """Train as the config says. Returns a summary dict (iterations, losses, metrics, why it
     stopped, checkpoint path). Raises TrainingDiverged on a NaN/inf loss, UserError on bad input."""
     try:
         return train_loop(prepare_run(cfg))
     finally:
-        if dist.is_initialized():  # also when setting up failed, so torchrun ends cleanly
-            dist.destroy_process_group()
+        end_processes()
 
 
 def train_loop(run):
-    cfg, rt, task = run.cfg, run.rt, run.task
+    cfg, rt = run.cfg, run.rt
     model = torch.compile(run.model) if cfg.compile else run.model
     if rt.ddp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-    local_steps = cfg.gradient_accumulation_steps // rt.world_size
-    micro_ids = range(rt.rank * local_steps, (rt.rank + 1) * local_steps)
     autocast = autocast_context(rt.device_type, rt.dtype)
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * task.block_size
-
-    def batches(it):
-        out = []
-        for m in micro_ids:
-            x, y = task.get_batch("train", cfg.batch_size, torch.Generator().manual_seed(derived_seed(cfg.seed, it, m)))
-            out.append((x.to(rt.device), y.to(rt.device)))
-        return out
-
-    log = MetricsLog(cfg.out_dir, append=cfg.init_from == "resume") if rt.master else None
-    bar = tqdm(total=cfg.max_iters, initial=run.iter_num, disable=not rt.master, unit="it", dynamic_ncols=True)
-    summary = {"stopped": "max_iters", "checkpoint": None}
-    start_time = last_time = time.time()
-    last_eval, loss_val = {}, None
+    progress = Progress(run)
     try:
         with StopRequest() as stop:
             while run.iter_num < cfg.max_iters:
                 it = run.iter_num
                 torch.manual_seed(derived_seed(cfg.seed, it, rt.rank))  # dropout
                 lr = get_lr(it, cfg)
-                loss = train_step(model, run.optimizer, batches(it), lr, cfg.grad_clip, autocast, scaler)
-                loss_val, stop_now = reduce_across_ranks(rt, loss.item(), stop.requested)
-                if not math.isfinite(loss_val):
-                    raise TrainingDiverged(
-                        f"the loss became {loss_val} at iteration {it}; training stopped. The last good "
-                        f"checkpoint (if any) is kept in {cfg.out_dir}. Try a lower --learning_rate "
-                        f"(now {cfg.learning_rate}) or --grad_clip=1.0")
+                loss = train_step(model, run.optimizer, micro_batches(run, it), lr, cfg.grad_clip, autocast, scaler)
+                loss, stop_now = reduce_across_ranks(rt, loss.item(), stop.requested)
+                check_finite(loss, it, cfg)
                 run.iter_num += 1
-                now = time.time()
-                tok_s = tokens_per_iter / max(now - last_time, 1e-9)
-                last_time = now
-                bar.update(1)
-                if log and (run.iter_num % cfg.log_interval == 0 or run.iter_num == 1):
-                    log.write(iter=run.iter_num, loss=loss_val, lr=lr, tokens_per_s=tok_s, time_s=now - start_time)
+                progress.step(run, loss, lr)
                 if stop_now:
-                    summary["stopped"] = "interrupted"
+                    progress.summary["stopped"] = "interrupted"
                     break
                 if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters:
-                    ev = evaluate(run, autocast)
-                    summary.update(ev)
-                    last_eval = {k.replace("_acc", ""): f"{v:.1%}" for k, v in ev.items() if k.endswith("_acc")}
-                    improved = ev["val_loss"] < run.best_val_loss
-                    run.best_val_loss = min(run.best_val_loss, ev["val_loss"])
-                    if rt.master:
-                        log.write(iter=run.iter_num, time_s=time.time() - start_time, **ev)
-                        bar.write(f"iter {run.iter_num}: " + ", ".join(
-                            f"{k} {v:.1%}" if k.endswith("_acc") else f"{k} {v:.4f}" for k, v in ev.items()))
-                        if improved or cfg.always_save_checkpoint:
-                            summary["checkpoint"] = str(save(run))
-                    if cfg.task == "sort" and cfg.stop_at_full_accuracy and ev.get("heldout_acc") == 1.0:
-                        summary["stopped"] = "heldout_acc 100%"
+                    if evaluate_and_save(run, progress, autocast):
                         break
-                    last_time = time.time()  # tokens/s counts training steps, not evaluation
-                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", **last_eval, refresh=False)
-            unsaved = summary["checkpoint"] is None or run.iter_num % cfg.eval_interval
-            if rt.master and unsaved and (cfg.always_save_checkpoint or summary["stopped"] == "interrupted"
-                                          or summary["checkpoint"] is None):
-                summary["checkpoint"] = str(save(run))  # the final state, also after Ctrl-C
+            save_final(run, progress.summary)
     finally:
-        bar.close()
-        if log:
-            log.close()
-    summary.update(iter_num=run.iter_num, wall_s=time.time() - start_time, loss=loss_val)
+        progress.close()
+    return finish(run, progress)
+
+
+def check_finite(loss, it, cfg):
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"the loss became {loss} at iteration {it}; training stopped. The last good checkpoint (if any) "
+            f"is kept in {cfg.out_dir}. Try a lower --learning_rate (now {cfg.learning_rate}) or --grad_clip=1.0")
+
+
+def evaluate_and_save(run, progress, autocast):
+    """Evaluate, log, and save when the val loss improved (or always_save_checkpoint). True when
+    the task is solved and the config says to stop then."""
+    ev = evaluate(run, autocast)
+    progress.evaluation(run, ev)
+    improved = ev["val_loss"] < run.best_val_loss
+    run.best_val_loss = min(run.best_val_loss, ev["val_loss"])
+    if run.rt.master and (improved or run.cfg.always_save_checkpoint):
+        progress.summary["checkpoint"] = str(save(run))
+    progress.last = time.time()  # tokens/s counts training steps, not evaluation
+    solved = run.task.solved(ev)
+    if run.cfg.stop_at_full_accuracy and solved:
+        progress.summary["stopped"] = solved
+        return True
+    return False
+
+
+def save_final(run, summary):
+    """Save the state in memory when the one on disk is older and the run calls for it: after
+    Ctrl-C, with always_save_checkpoint, or when nothing was saved yet. Never the same state twice."""
+    if not run.rt.master or run.saved_iter == run.iter_num:
+        return
+    if run.cfg.always_save_checkpoint or summary["stopped"] == "interrupted" or run.saved_iter is None:
+        summary["checkpoint"] = str(save(run))
+
+
+def finish(run, progress):
+    summary, rt = progress.summary, run.rt
+    summary.update(iter_num=run.iter_num, wall_s=time.time() - progress.start)
+    if summary["checkpoint"] is None and run.saved_iter is not None:
+        summary["checkpoint"] = str(Path(run.cfg.out_dir) / "ckpt.pt")
     if rt.master:
-        write_run_summary(cfg.out_dir, {**summary, "device": rt.device, "processes": rt.world_size,
-                                        "dtype": str(rt.dtype).replace("torch.", "")})
-        summary["report"] = str(write_report(cfg.out_dir))
+        write_run_summary(run.cfg.out_dir, {**summary, "device": rt.device, "processes": rt.world_size,
+                                            "dtype": str(rt.dtype).replace("torch.", "")})
+        summary["report"] = str(write_report(run.cfg.out_dir))
         print(f"stopped after {run.iter_num} iterations ({summary['stopped']}) in {summary['wall_s']:.1f}s; "
               f"checkpoint: {summary['checkpoint']}; report: {summary['report']}")
     return summary
-
-
-def evaluate(run, autocast):
-    ev = estimate_losses(run, autocast)
-    ev.update(run.task.evaluate(run.model, run.rt.device))
-    return ev
-
-
-def reduce_across_ranks(rt, loss, stop):
-    """The mean loss over processes, and whether any process was asked to stop (so all stop
-    at the same step)."""
-    if not rt.ddp:
-        return loss, stop
-    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device=rt.device)
-    dist.all_reduce(t)
-    return t[0].item() / rt.world_size, t[1].item() > 0

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from model import reference as ref
-from model.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-from model.config import UserError, WalkthroughConfig, load_config, run_command
+from model.checkpoint import open_model
+from model.config import WalkthroughConfig, load_config, run_command
+from model.errors import UserError
 from model.tokenizer import visible
 
 TOLERANCE = 1e-9  # |reference - torch| <= TOLERANCE * (1 + |torch|), both float64
@@ -66,7 +67,7 @@ def temperatures(temperature):
 def walk(params, config, ids, tokens, vocab, layers, heads, temperature):
     """The list of Steps for the input ids (T,) with their text tokens. `vocab` labels the logit
     columns; `layers` and `heads` pick what to show (everything is computed)."""
-    T, C, nh = len(ids), config.n_embd, config.n_head
+    C, nh = config.n_embd, config.n_head
     hs = C // nh
     _, _, acts = ref.forward(params, config, np.array([ids]))
     rows, chan = token_labels(tokens), [f"c{j}" for j in range(C)]
@@ -282,10 +283,8 @@ def pick(spec, count, what):
 
 def run(cfg):
     """The walkthrough as text, Markdown or JSON for the config's checkpoint and input."""
-    path = find_checkpoint(cfg.out_dir, cfg.ckpt)
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt).double().eval()
-    tokenizer = tokenizer_from_checkpoint(ckpt, cfg.meta)
+    opened = open_model(cfg.out_dir, cfg.ckpt, meta=cfg.meta, quiet=True)
+    path, model, tokenizer = opened.path, opened.model.double(), opened.tokenizer
     if tokenizer is None:
         raise UserError("this checkpoint has no vocabulary (a nanoGPT checkpoint?); pass --meta=path/to/meta.pkl")
     if not cfg.start:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from model.config import SampleConfig, TrainConfig, UserError, load_config
+from model.config import SampleConfig, TrainConfig, load_config
+from model.errors import UserError
 
 
 def write(tmp_path, text):

@@ -8,8 +8,10 @@ import torch
 import sample as sample_cli
 from conftest import ROOT, working_dir
 from model.checkpoint import load_checkpoint, tokenizer_from_checkpoint
-from model.config import TrainConfig, UserError, load_config
-from model.trainer import prepare_run, train
+from model.config import TrainConfig, load_config
+from model.errors import UserError
+from model.start import prepare_run
+from model.trainer import train
 
 POEMS = ROOT / "data" / "poems"
 

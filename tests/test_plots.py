@@ -9,7 +9,7 @@ import pytest
 
 from model.plots import main as plots_main
 from model.plots import pyplot
-from model.config import UserError
+from model.errors import UserError
 
 
 def png_size(path):

@@ -15,10 +15,10 @@ import torch
 
 import sample as sample_cli
 import train as train_cli
-from conftest import ROOT, run_training, train_args, working_dir
+from conftest import ROOT, train_args
 from model.checkpoint import load_checkpoint, save_checkpoint, tokenizer_from_meta
-from model.config import UserError
-from model.trainer import resolve_device
+from model.errors import UserError
+from model.runtime import resolve_device
 
 SMALL = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=8", "--batch_size=4", "--eval_iters=1"]
 

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import UserError
-from model.tasks import SortTask, TextTask, prepare_tokens, read_text
+from model.data import prepare_tokens, read_text
+from model.errors import UserError
+from model.config import TrainConfig
+from model.start import Start
+from model.tasks import SortTask, TextTask
 from model.tokenizer import CharTokenizer
 
 
@@ -59,20 +62,27 @@ def test_tokenizer_vocabulary_and_extension():
         tok.encode_array("白z")
 
 
+def text_task(folder, text, block_size, val_fraction, name="t.txt"):
+    """A text task trained from scratch on `text`, as train.py builds it."""
+    (folder / name).write_text(text, encoding="utf-8")
+    cfg = TrainConfig(data=str(folder / name), out_dir=str(folder / f"out-{name}"), block_size=block_size,
+                      val_fraction=val_fraction)
+    return TextTask.for_training(cfg, Start("scratch"))
+
+
 def test_text_batches_are_shifted_by_one(tmp_path):
     text = "abcdefghij" * 5
-    task = TextTask(text, CharTokenizer.from_text(text), tmp_path, block_size=8, val_fraction=0.2)
+    task = text_task(tmp_path, text, block_size=8, val_fraction=0.2)
     x, y = task.get_batch("train", 6, torch.Generator().manual_seed(0))
     assert x.shape == y.shape == (6, 8) and torch.equal(x[:, 1:], y[:, :-1])
     assert len(task.data["val"]) == 10 and len(task.data["train"]) == 40
 
 
 def test_text_errors(tmp_path):
-    tok = CharTokenizer(list("ab"))
     with pytest.raises(UserError, match="the text is empty"):
-        TextTask("", tok, tmp_path, 8, 0.1)
+        text_task(tmp_path, "", 8, 0.1)
     with pytest.raises(UserError, match=r"too short: its training part has 5 characters and block_size=8 needs at least 9"):
-        TextTask("ababa", tok, tmp_path, 8, 0.0)
+        text_task(tmp_path, "ababa", 8, 0.0)
     bad = tmp_path / "gbk.txt"
     bad.write_bytes("你好".encode("utf-8") + "世界".encode("gbk"))
     with pytest.raises(UserError, match=r"gbk.txt is not UTF-8 text: byte 6 \(0xca\)"):
@@ -83,12 +93,12 @@ def test_text_errors(tmp_path):
 
 def test_small_validation_split_warns_with_a_fix(tmp_path, capsys):
     text = "abcdefghij" * 5
-    task = TextTask(text, CharTokenizer.from_text(text), tmp_path, block_size=8, val_fraction=0.1)
+    task = text_task(tmp_path, text, block_size=8, val_fraction=0.1)
     err = capsys.readouterr().err
     assert "warning: the validation split has 5 characters, fewer than block_size + 1 = 9" in err
     assert "--val_fraction (to 0.20 or more) or lower --block_size (to 4 or less)" in err
     assert task.data["val"] is task.data["train"], "the val loss falls back to the training text"
-    TextTask(text, CharTokenizer.from_text(text), tmp_path / "b", block_size=8, val_fraction=0.2)
+    text_task(tmp_path, text, block_size=8, val_fraction=0.2, name="b.txt")
     assert "warning" not in capsys.readouterr().err
 
 

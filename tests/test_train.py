@@ -3,7 +3,6 @@ and a resumed run continues exactly."""
 
 import json
 
-import pytest
 import torch
 
 import train as train_cli

@@ -1,0 +1,151 @@
+"""Starting a training run: from scratch, resuming out_dir's checkpoint, or fine-tuning another
+model. prepare_run() builds the Run that the loop (model/trainer.py) works with."""
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from model.checkpoint import config_of, find_checkpoint, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from model.config import MODEL_FIELDS, format_config
+from model.errors import UserError
+from model.gpt import GPT, GPTConfig
+from model.runtime import Runtime, setup_runtime
+from model.tasks import task_for_training
+
+
+@dataclass
+class Start:
+    """Where the weights come from: 'scratch', 'resume' (out_dir's checkpoint) or 'finetune'
+    (another model's checkpoint), with that checkpoint, its tokenizer and its GPTConfig fields."""
+    mode: str
+    ckpt: Optional[dict] = None
+    tokenizer: object = None
+    model_args: Optional[dict] = None
+
+
+@dataclass
+class Run:
+    """Everything a training run works with."""
+    cfg: object
+    rt: Runtime
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    task: object
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    saved_iter: Optional[int] = None  # the iteration of the state on disk (None: nothing saved yet)
+
+
+def read_start(cfg):
+    """The Start that cfg.init_from names. A checkpoint without our vocabulary and task (one
+    nanoGPT wrote) cannot be trained on here: UserError saying what does work."""
+    if cfg.init_from == "scratch":
+        return Start("scratch")
+    if cfg.init_from == "resume":
+        mode, path = "resume", Path(cfg.out_dir) / "ckpt.pt"
+    else:
+        mode, path = "finetune", find_checkpoint(out_dir=cfg.init_from)
+    ckpt = load_checkpoint(path)
+    if "tokenizer" not in ckpt or "task" not in ckpt:
+        verb = "resume" if mode == "resume" else "fine-tune from"
+        raise UserError(f"{path} has no vocabulary or task (it was written by nanoGPT?), so train.py cannot "
+                        f"{verb} it; sample it with: python sample.py --ckpt={path} --meta=path/to/meta.pkl")
+    return Start(mode, ckpt, tokenizer_from_checkpoint(ckpt), asdict(config_of(ckpt)))
+
+
+def micro_steps(cfg, rt):
+    """Micro-batches per iteration for the whole job: gradient_accumulation_steps, split across the
+    processes. Fewer than the processes: each process takes one, and rank 0 says so."""
+    steps = cfg.gradient_accumulation_steps
+    if steps < rt.world_size:
+        if rt.master:
+            print(f"notice: gradient_accumulation_steps={steps} is less than the {rt.world_size} processes; each "
+                  f"process takes one micro-batch, so a step sees batch_size x {rt.world_size} = "
+                  f"{cfg.batch_size * rt.world_size} sequences")
+        return rt.world_size
+    if steps % rt.world_size:
+        raise UserError(f"gradient_accumulation_steps={steps} must be a multiple of the number of processes "
+                        f"({rt.world_size}) or less than it")
+    return steps
+
+
+def check_writable(out_dir):
+    """Fail now, not after an hour of training, if checkpoints cannot be written."""
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another with --out_dir") from None
+
+
+@contextmanager
+def rank0_first(rt):
+    """Rank 0 does the block first (e.g. writes prepared data), then the others (which reuse it)."""
+    if rt.ddp and not rt.master:
+        dist.barrier()
+    yield
+    if rt.ddp and rt.master:
+        dist.barrier()
+
+
+def grow_vocabulary(state, vocab_size, generator):
+    """Fine-tuning: new characters get new rows in the (tied) token embedding, initialised like
+    fresh embeddings, N(0, 0.02); the rows of known characters are kept as they are."""
+    wte = state["transformer.wte.weight"]
+    extra = torch.randn(vocab_size - wte.size(0), wte.size(1), generator=generator, dtype=wte.dtype) * 0.02
+    state["transformer.wte.weight"] = state["lm_head.weight"] = torch.cat([wte, extra.to(wte.device)])
+
+
+def build_model(cfg, start, task):
+    """The GPT for the task: new (seeded), or the checkpoint's weights; a fine-tune crops the
+    position embeddings to the task's block size and grows the vocabulary."""
+    args = {k: getattr(cfg, k) for k in MODEL_FIELDS} if start.mode == "scratch" else dict(start.model_args)
+    args.update(dropout=cfg.dropout, attention=cfg.attention, block_size=task.block_size,
+                vocab_size=task.tokenizer.vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig(**args))
+    if start.ckpt is not None:
+        state = model_from_checkpoint(start.ckpt).state_dict()
+        if start.mode == "finetune":
+            state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:task.block_size]
+            grow_vocabulary(state, task.tokenizer.vocab_size, torch.Generator().manual_seed(cfg.seed))
+        model.load_state_dict(state)
+    return model
+
+
+def prepare_run(cfg):
+    """Check the config, set up devices, data, model and optimizer; print what was chosen."""
+    cfg.validate()
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    cfg = replace(cfg, gradient_accumulation_steps=micro_steps(cfg, rt))
+    if rt.master:
+        check_writable(cfg.out_dir)
+    start = read_start(cfg)
+    if start.mode == "resume":
+        cfg = replace(cfg, task=start.ckpt["task"]["type"])
+    with rank0_first(rt):
+        task = task_for_training(cfg, start)
+    model = build_model(cfg, start, task)
+    model.to(rt.device, dtype=torch.float64 if rt.dtype == torch.float64 else torch.float32)
+    cfg = replace(cfg, block_size=task.block_size, **{k: getattr(model.config, k) for k in MODEL_FIELDS})
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
+    run = Run(cfg, rt, model, optimizer, task)
+    if start.mode == "resume":
+        optimizer.load_state_dict(start.ckpt["optimizer"])
+        run.iter_num, run.best_val_loss = start.ckpt["iter_num"], start.ckpt["best_val_loss"]
+        run.saved_iter = run.iter_num
+    if rt.master:
+        how = {"scratch": "from scratch", "resume": f"resuming at iteration {run.iter_num}"}.get(
+            start.mode, f"fine-tuning {cfg.init_from}")
+        print(f"config:\n{format_config(cfg)}")
+        print(f"device: {rt.device}{' (auto)' if cfg.device == 'auto' else ''}, dtype: "
+              f"{str(rt.dtype).replace('torch.', '')}, processes: {rt.world_size}")
+        print(f"model: {model.num_params():,} parameters, {how}")
+    return run
