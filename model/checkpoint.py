@@ -162,6 +162,15 @@ def tokenizer_from_meta(path):
         raise UserError(f"{path} is not a nanoGPT meta.pkl with an 'itos' vocabulary: {e}") from None
 
 
+def write_meta(tokenizer, path):
+    """The vocabulary as nanoGPT's meta.pkl (vocab_size, itos, stoi), so nanoGPT's sample.py
+    decodes our checkpoints' text. Plain data only; written like checkpoints, atomically."""
+    meta = {"vocab_size": tokenizer.vocab_size, "itos": dict(enumerate(tokenizer.itos)), "stoi": dict(tokenizer.stoi)}
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_bytes(pickle.dumps(meta))
+    os.replace(tmp, path)
+
+
 @dataclass
 class OpenedModel:
     """A checkpoint opened for use: the model in eval mode on `device`, its tokenizer (None for

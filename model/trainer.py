@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model.checkpoint import model_args_of, record_latest, save_checkpoint
+from model.checkpoint import model_args_of, record_latest, save_checkpoint, write_meta
 from model.report import write_report, write_run_summary
 from model.runtime import autocast_context, end_processes, reduce_across_ranks
 from model.schedule import get_lr
@@ -101,6 +101,8 @@ def evaluate(run, autocast):
 
 def checkpoint_dict(run):
     model_args, model_extra = model_args_of(run.model.config)
+    # nanoGPT's sample.py reads data/<config['dataset']>/meta.pkl; an absolute path names out_dir
+    config = {**asdict(run.cfg), "dataset": str(Path(run.cfg.out_dir).resolve())}
     return {
         "model": run.model.state_dict(),
         "model_args": model_args,  # exactly nanoGPT's GPTConfig fields
@@ -108,7 +110,7 @@ def checkpoint_dict(run):
         "optimizer": run.optimizer.state_dict(),
         "iter_num": run.iter_num,
         "best_val_loss": run.best_val_loss,
-        "config": asdict(run.cfg),
+        "config": config,
         "tokenizer": run.task.tokenizer.to_dict(),
         "task": run.task.state(),
     }
@@ -118,6 +120,7 @@ def save(run):
     """Write out_dir/ckpt.pt (rank 0 only) and remember which iteration is on disk."""
     path = Path(run.cfg.out_dir) / "ckpt.pt"
     save_checkpoint(checkpoint_dict(run), path)
+    write_meta(run.task.tokenizer, path.parent / "meta.pkl")
     record_latest(path)
     run.saved_iter = run.iter_num
     return path

@@ -26,6 +26,17 @@ def random_model(seed=0, dtype=torch.float64, **kw):
     return model.eval()
 
 
+def nanogpt_checkpoint(path):
+    """A checkpoint as nanoGPT's train.py writes it (compiled model, no tokenizer, its config)."""
+    torch.manual_seed(0)
+    model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=5, dropout=0.0)
+    model = GPT(GPTConfig(**model_args))
+    sd = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    torch.save({"model": sd, "model_args": model_args, "optimizer": {}, "iter_num": 5000,
+                "best_val_loss": torch.tensor(1.47), "config": {"dataset": "shakespeare_char"}}, path)
+    return path
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run in an empty folder (train.py writes out/latest.txt relative to it)."""

@@ -68,3 +68,18 @@ def test_impossible_values(arg, message):
 def test_a_flag_without_value_is_an_error():
     with pytest.raises(UserError, match="--max_iters needs a value"):
         load_config(TrainConfig, ["--max_iters"])
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    from model.config import run_command
+
+    def user_mistake(argv):
+        raise UserError("bad flag; use another")
+
+    def bug(argv):
+        raise ValueError("an internal shape check failed")
+
+    assert run_command(user_mistake, []) == 2
+    assert capsys.readouterr().err == "error: bad flag; use another\n"
+    with pytest.raises(ValueError, match="an internal shape check failed"):
+        run_command(bug, [])

@@ -74,7 +74,24 @@ def test_gradient_accumulation_must_split_across_processes(tmp_path):
     proc = torchrun(2, train_args("chinese.py", tmp_path / "run", *TINY, "--gradient_accumulation_steps=3",
                                   "--max_iters=1"), tmp_path)
     assert proc.returncode != 0
-    assert "gradient_accumulation_steps=3 must be a multiple of the number of processes (2)" in proc.stderr
+    assert "gradient_accumulation_steps=3 must be a multiple of the number of processes (2) or less than it" in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_accumulation_under_torchrun_takes_one_micro_batch_per_process(tmp_path):
+    """`torchrun --nproc_per_node=2 train.py CONFIG` with gradient_accumulation_steps=1 trains: each
+    process takes one micro-batch, so a step is the one-process step with two micro-batches."""
+    args = [*TINY, "--max_iters=3", "--eval_interval=3"]
+    proc = torchrun(2, train_args("chinese.py", tmp_path / "two", *args, "--gradient_accumulation_steps=1"), tmp_path)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.stdout.count("notice: gradient_accumulation_steps=1 is less than the 2 processes") == 1, proc.stdout
+    assert "a step sees batch_size x 2 = 8 sequences" in proc.stdout
+    with working_dir(tmp_path):
+        run_training("chinese.py", tmp_path / "one", *args, "--gradient_accumulation_steps=2")
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3]
+    for it in one:
+        assert abs(one[it] - two[it]) < 1e-6, f"iteration {it}: 2 processes {two[it]}, 1 process {one[it]}"
 
 
 @pytest.mark.slow

@@ -37,9 +37,10 @@ def sample_batch(cfg, B=4, seed=0):
     return idx, targets
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 @pytest.mark.parametrize("cfg", GRAD_CONFIGS, ids=lambda c: f"{c['n_embd']}d-{c['gelu']}-bias{c['bias']}")
-def test_reference_gradients_match_autograd(cfg):
-    model = random_model(seed=7, **cfg)
+def test_reference_gradients_match_autograd(cfg, attention):
+    model = random_model(seed=7, **cfg, attention=attention)
     idx, targets = sample_batch(cfg)
     expected = torch_grads(model, idx, targets)
     params = ref.params_from_state_dict(model.state_dict())

@@ -15,7 +15,7 @@ import torch
 
 import sample as sample_cli
 import train as train_cli
-from conftest import ROOT, train_args
+from conftest import ROOT, nanogpt_checkpoint, train_args
 from model.checkpoint import load_checkpoint, save_checkpoint, tokenizer_from_meta
 from model.errors import UserError
 from model.runtime import resolve_device
@@ -64,18 +64,6 @@ def test_model_args_that_do_not_fit_the_weights(trained_sort, tmp_path, capsys):
     assert sample_cli.main([f"--ckpt={tmp_path / 'bad.pt'}"]) == 2
     err = capsys.readouterr().err
     assert "do not match its weights" in err and "'n_embd': 96" in err and "size mismatch" in err
-
-
-def nanogpt_checkpoint(path):
-    """A checkpoint as nanoGPT's train.py writes it (compiled model, no tokenizer, its config)."""
-    torch.manual_seed(0)
-    from model import GPT, GPTConfig
-    model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=5, dropout=0.0)
-    model = GPT(GPTConfig(**model_args))
-    sd = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
-    torch.save({"model": sd, "model_args": model_args, "optimizer": {}, "iter_num": 5000,
-                "best_val_loss": torch.tensor(1.47), "config": {"dataset": "shakespeare_char"}}, path)
-    return path
 
 
 def test_nanogpt_checkpoint_loads_with_a_notice_and_meta_pkl(tmp_path, capsys):
@@ -182,3 +170,56 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     ckpt = load_checkpoint(out / "ckpt.pt")
     logged = [json.loads(line)["iter"] for line in metrics.read_text().splitlines()]
     assert ckpt["iter_num"] == logged[-1] >= 5, "the checkpoint holds the last finished step"
+
+
+# ---- what is saved, and when --------------------------------------------------------------
+
+def saves_during(monkeypatch, args, interrupt_after=None):
+    """Train in this process, recording the iteration of every checkpoint written. With
+    interrupt_after=k, a real SIGINT arrives during step k (as Ctrl-C would)."""
+    import model.trainer as trainer
+    saved, steps = [], []
+    real_save, real_step = trainer.save, trainer.train_step
+
+    def recording_save(run):
+        saved.append(run.iter_num)
+        return real_save(run)
+
+    def step_then_interrupt(*a, **kw):
+        loss = real_step(*a, **kw)
+        steps.append(1)
+        if len(steps) == interrupt_after:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(trainer, "save", recording_save)
+    monkeypatch.setattr(trainer, "train_step", step_then_interrupt)
+    code = train_cli.main(args)
+    return code, saved
+
+
+def test_every_state_is_saved_once_when_max_iters_is_not_a_multiple_of_eval_interval(in_tmp, monkeypatch):
+    args = train_args("chinese.py", "run", *SMALL, "--max_iters=5", "--eval_interval=2")
+    code, saved = saves_during(monkeypatch, args)
+    assert code == 0 and saved == [2, 4, 5], f"saved at iterations {saved}; expected 2, 4 and the final 5, once each"
+    assert load_checkpoint(in_tmp / "run" / "ckpt.pt")["iter_num"] == 5
+
+
+@pytest.mark.parametrize("eval_interval,interrupt_after,expected", [
+    (1, 3, [1, 2, 3]),  # Ctrl-C during the step that would be evaluated and saved next
+    (2, 4, [2, 4]),  # ... on an iteration that is a multiple of eval_interval, after an earlier save
+    (2, 3, [2, 3]),  # ... between two evaluations
+])
+def test_ctrl_c_saves_the_newest_state_once(in_tmp, monkeypatch, capsys, eval_interval, interrupt_after, expected):
+    args = train_args("chinese.py", "run", *SMALL, "--max_iters=50", f"--eval_interval={eval_interval}")
+    code, saved = saves_during(monkeypatch, args, interrupt_after=interrupt_after)
+    assert code == 130 and "interrupted: checkpoint saved" in capsys.readouterr().err
+    assert saved == expected, f"saved at iterations {saved}, expected {expected}"
+    assert load_checkpoint(in_tmp / "run" / "ckpt.pt")["iter_num"] == interrupt_after, "resume starts after the last step"
+
+
+def test_resumed_run_does_not_save_the_state_it_started_from(in_tmp, monkeypatch):
+    args = train_args("chinese.py", "run", *SMALL, "--max_iters=2", "--eval_interval=2")
+    assert train_cli.main(args) == 0
+    code, saved = saves_during(monkeypatch, args + ["--init_from=resume"])
+    assert code == 0 and saved == [], f"nothing new to save, yet saved at {saved}"

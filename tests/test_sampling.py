@@ -61,13 +61,20 @@ def test_kv_cache_gives_the_same_tokens(prompt_len, attention):
     assert torch.equal(cached, plain)
 
 
-def test_cached_logits_equal_full_recompute():
-    model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8)
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+@pytest.mark.parametrize("chunks", [(5, 1, 1, 1), (2, 3, 3), (1, 4, 2, 1)])
+def test_cached_logits_equal_full_recompute(attention, chunks):
+    """Feeding the tokens in chunks through the cache, several new tokens at a time on a
+    non-empty cache included, gives the logits of one full pass."""
+    model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8, attention=attention)
     idx = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(0))
     full, _ = model(idx)
-    cache = model.new_kv_cache(2)
-    parts = [model(idx[:, :5], kv_cache=cache)[0]] + [model(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(5, 8)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-12)
+    cache, parts, t = model.new_kv_cache(2), [], 0
+    for n in chunks:
+        parts.append(model(idx[:, t:t + n], kv_cache=cache)[0])
+        t += n
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=0, atol=1e-12,
+                               msg=lambda m: f"chunks {chunks}, {attention}: {m}")
 
 
 # ---- sample.py ----------------------------------------------------------------------------
@@ -96,10 +103,24 @@ def test_text_samples_stream_and_are_seeded(trained_chinese, capsys):
     args = [f"--out_dir={base / 'out' / 'chinese'}", "--start=天行健", "--max_new_tokens=21", "--num_samples=1"]
     assert sample_cli.main(args + ["--temperature=0"]) == 0
     assert capsys.readouterr().out.startswith("天行健,君子以自强不息,地势坤,君子以厚德载物。")
-    sample_cli.main(args + ["--temperature=1.5", "--seed=7"])
-    first = capsys.readouterr().out
-    sample_cli.main(args + ["--temperature=1.5", "--seed=7"])
-    assert capsys.readouterr().out == first
+    outputs = []
+    for seed in (7, 7, 8):
+        assert sample_cli.main(args + ["--temperature=1.5", f"--seed={seed}", "--max_new_tokens=60"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1], "the same seed must give the same text"
+    assert outputs[0] != outputs[2], "another seed must give another text"
+
+
+def test_num_samples_are_one_batch_seeded_and_separated(trained_chinese, capsys):
+    base, _ = trained_chinese
+    args = [f"--out_dir={base / 'out' / 'chinese'}", "--start=天", "--max_new_tokens=30", "--temperature=2",
+            "--num_samples=4"]
+    assert sample_cli.main(args) == 0
+    samples = capsys.readouterr().out.rstrip("\n").split("\n" + "-" * 40 + "\n")
+    assert len(samples) == 4 and all(s.startswith("天") and len(s) == 31 for s in samples), samples
+    assert len(set(samples)) > 1, "the rows of one batch are drawn independently"
+    assert sample_cli.main(args) == 0
+    assert capsys.readouterr().out.rstrip("\n").split("\n" + "-" * 40 + "\n") == samples, "seeded: the same again"
 
 
 @pytest.mark.parametrize("args,message", [
