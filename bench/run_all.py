@@ -1,4 +1,5 @@
-"""Every benchmark, one after the other (about 2 minutes on a 2-core CPU):
+"""Every benchmark but the nanoGPT comparison (which needs a nanoGPT checkout), one after the
+other (about 4 minutes on a 2-core CPU):
 
     python bench/run_all.py
 
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["train_speed.py", "sample_speed.py", "sort_time.py"]
+SCRIPTS = ["train_speed.py", "loop_overhead.py", "sample_speed.py", "sort_time.py"]
 
 
 def main():
