@@ -18,7 +18,7 @@ from model.errors import UserError
 from model.gpt import GPT, GPTConfig
 from model.runtime import resolve_device
 from model.tasks import task_from_checkpoint
-from model.tokenizer import CharTokenizer
+from model.tokenizer import CharTokenizer, tokenizer_from_dict
 
 NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
 RUNTIME_ARGS = ("attention",)  # how the model computes, not what it is: never stored
@@ -136,7 +136,7 @@ def tokenizer_from_checkpoint(ckpt, meta=""):
     if meta:
         return tokenizer_from_meta(meta)
     if "tokenizer" in ckpt:
-        return CharTokenizer.from_dict(ckpt["tokenizer"])
+        return tokenizer_from_dict(ckpt["tokenizer"])
     return None
 
 
@@ -163,8 +163,11 @@ def tokenizer_from_meta(path):
 
 
 def write_meta(tokenizer, path):
-    """The vocabulary as nanoGPT's meta.pkl (vocab_size, itos, stoi), so nanoGPT's sample.py
-    decodes our checkpoints' text. Plain data only; written like checkpoints, atomically."""
+    """A character vocabulary as nanoGPT's meta.pkl (vocab_size, itos, stoi), so nanoGPT's
+    sample.py decodes our checkpoints' text. Plain data only; written like checkpoints, atomically.
+    (Subword tokenizers have no meta.pkl form: nanoGPT reads those with tiktoken's GPT-2 BPE.)"""
+    if tokenizer.kind != "char":
+        return
     meta = {"vocab_size": tokenizer.vocab_size, "itos": dict(enumerate(tokenizer.itos)), "stoi": dict(tokenizer.stoi)}
     tmp = Path(path).with_name(Path(path).name + ".tmp")
     tmp.write_bytes(pickle.dumps(meta))

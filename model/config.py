@@ -51,6 +51,8 @@ class TrainConfig:
     stop_at_full_accuracy: bool = True  # sort: stop once every held-out input is sorted right
     batch_size: int = 12
     block_size: int = 64  # sort: follows from sort_length; fine-tune: 0 keeps the base model's
+    tokenizer: str = "char"  # text: 'char', 'bpe' (byte-level BPE trained on the text), or a tokenizer's path
+    vocab_size: int = 0  # bpe: how many tokens to learn; char or a path: 0 is the tokenizer's size
     gradient_accumulation_steps: int = 1
     # model
     n_layer: int = 4
@@ -87,7 +89,7 @@ class TrainConfig:
             raise UserError(f"block_size must be at least 1, got {self.block_size}")
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be greater than 0, got {self.learning_rate}")
-        for name in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip"):
+        for name in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "vocab_size"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:

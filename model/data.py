@@ -1,57 +1,183 @@
-"""Text data: reading UTF-8 files and preparing their token ids once, as memory-mapped
-prepared/{train,val}.bin files under the run's out_dir."""
+"""Text data in bounded memory: a text (a UTF-8 file or a folder of .txt files) is read in
+chunks, never whole, and its token ids are written once to prepared/{train,val}.bin under the
+run's out_dir, then read back memory-mapped. val is the end of the text (val_fraction of its
+tokens). A later run on the same text with the same tokenizer settings reuses the files without
+reading the text: it compares the files' sizes and modification times, and only when those
+changed, their SHA-256 (hashed while preparing).
+"""
 
 import hashlib
 import json
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from model.errors import UserError
 
+CHUNK_BYTES = 8 << 20  # text read and encoded this many bytes at a time
+# Where text may be cut without changing its tokens: a single space or newline between two
+# non-space characters. Byte-level BPE (GPT-2's rule) and BERT's WordPiece both split there.
+SAFE_CUT = re.compile(r"(?<=\S)(?=[ \n]\S)")
+
+
+@dataclass
+class TextSource:
+    """The files of a text, read in order, joined by newlines."""
+    files: list
+
+    @classmethod
+    def at(cls, path):
+        p = Path(path)
+        if p.is_dir():
+            files = sorted(p.rglob("*.txt"))
+            if not files:
+                raise UserError(f"folder {path} holds no .txt files")
+        elif p.is_file():
+            files = [p]
+        else:
+            raise UserError(f"data {path} not found: give a UTF-8 text file or a folder of .txt files")
+        return cls(files)
+
+    def stamp(self):
+        """What identifies the text without reading it: each file's path, size and mtime."""
+        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in self.files]
+
+    @property
+    def size(self):
+        return sum(f.stat().st_size for f in self.files)
+
+    def chunks(self, hasher=None, bar=None):
+        """The text as str chunks of about CHUNK_BYTES (never cut inside a character). Bytes that
+        are not UTF-8 raise UserError naming the file and the offset."""
+        before = 0  # bytes of the whole text before this file
+        for n, path in enumerate(self.files):
+            if n:
+                yield "\n"
+            with open(path, "rb") as f:
+                carry, offset = b"", 0  # offset: where `carry` starts in the file
+                while True:
+                    raw = f.read(CHUNK_BYTES)
+                    if hasher is not None:
+                        hasher.update(raw)
+                    if bar is not None:
+                        bar.update(len(raw))
+                    data = carry + raw
+                    cut = len(data) if not raw else complete_utf8(data)
+                    yield decode_utf8(data[:cut], path, offset, before, len(self.files) > 1)
+                    carry, offset = data[cut:], offset + cut
+                    if not raw:
+                        break
+            before += path.stat().st_size + 1  # and the newline that joins it to the next
+
+
+def complete_utf8(data):
+    """The length of the longest prefix of `data` that does not end inside a UTF-8 character."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return len(data)
+        if byte >= 0xC0:  # a lead byte: is its character complete?
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= need else len(data) - back
+    return len(data)
+
+
+def decode_utf8(data, path, offset, before, several):
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = offset + e.start
+        where = f" (byte {before + at} of the whole text)" if several else ""
+        raise UserError(f"{path} is not UTF-8 text: byte {at} (0x{data[e.start]:02x}) cannot be decoded{where}; "
+                        f"convert it, e.g. iconv -f GBK -t UTF-8 {path.name} > fixed.txt") from None
+
 
 def read_text(path):
-    """A UTF-8 text file, or every .txt file of a folder (sorted by name, joined by newlines)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(p.rglob("*.txt"))
-        if not files:
-            raise UserError(f"folder {path} holds no .txt files")
-    elif p.is_file():
-        files = [p]
+    """A whole text in memory, for small texts (tests, prompts): prefer TextSource.chunks()."""
+    return "".join(TextSource.at(path).chunks())
+
+
+def safe_pieces(chunks, target=1 << 16):
+    """Re-cut text chunks into pieces of about `target` characters at SAFE_CUT places, so that
+    encoding the pieces one by one gives the ids of the whole text."""
+    rest = ""
+    for chunk in chunks:
+        text = rest + chunk
+        pieces, start = [], 0
+        for m in SAFE_CUT.finditer(text, pos=target):
+            if m.start() - start >= target:
+                pieces.append(text[start:m.start()])
+                start = m.start()
+        rest = text[start:]
+        if pieces:
+            yield pieces
+    if rest:
+        yield [rest]
+
+
+def encode_chunks(tokenizer, chunks):
+    """Token ids (int64 arrays) of a text given in chunks, chunk by chunk."""
+    if tokenizer.kind == "char":
+        for chunk in chunks:
+            yield tokenizer.encode_array(chunk)
     else:
-        raise UserError(f"data {path} not found: give a UTF-8 text file or a folder of .txt files")
-    texts = []
-    for f in files:
-        raw = f.read_bytes()
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"{f} is not UTF-8 text: byte {e.start} (0x{raw[e.start]:02x}) cannot be "
-                            f"decoded; convert it, e.g. iconv -f GBK -t UTF-8 {f.name} > fixed.txt") from None
-    return "\n".join(texts)
+        for pieces in safe_pieces(chunks):
+            yield tokenizer.encode_batch(pieces)
 
 
 def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 65536 else np.uint32
 
 
-def prepare_tokens(text, tokenizer, prepared_dir, val_fraction):
-    """Token ids of the text split into train and val, as memory-mapped arrays, prepared once:
-    a meta.json records the text's hash and the vocabulary they were made with."""
-    key = {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-           "itos_sha256": hashlib.sha256("".join(tokenizer.itos).encode("utf-8")).hexdigest(),
-           "val_fraction": val_fraction,
-           "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).name}
+def prepare(source, tokenizer, prepared_dir, val_fraction, settings):
+    """Encode the text into prepared_dir/{train,val}.bin and write meta.json last (a run stopped
+    half way leaves no meta.json, so the next run prepares again). Returns the memory-mapped splits."""
+    prepared_dir.mkdir(parents=True, exist_ok=True)
     meta_path = prepared_dir / "meta.json"
-    paths = {s: prepared_dir / f"{s}.bin" for s in ("train", "val")}
-    if not (meta_path.is_file() and json.loads(meta_path.read_text()) == key and all(p.is_file() for p in paths.values())):
-        ids = tokenizer.encode_array(text).astype(key["dtype"])
-        n_val = int(len(ids) * val_fraction)
-        prepared_dir.mkdir(parents=True, exist_ok=True)
-        meta_path.unlink(missing_ok=True)  # a crash below leaves no meta, so no stale reuse
-        ids[:len(ids) - n_val].tofile(paths["train"])
-        ids[len(ids) - n_val:].tofile(paths["val"])
-        meta_path.write_text(json.dumps(key))
-    return {s: np.memmap(p, dtype=key["dtype"], mode="r") if p.stat().st_size else np.zeros(0, key["dtype"])
-            for s, p in paths.items()}
+    meta_path.unlink(missing_ok=True)
+    dtype = token_dtype(tokenizer.model_vocab_size())
+    hasher, tmp = hashlib.sha256(), prepared_dir / "all.bin.tmp"
+    with open(tmp, "wb") as f, tqdm(total=source.size, unit="B", unit_scale=True, desc="preparing text",
+                                     dynamic_ncols=True, disable=source.size < CHUNK_BYTES) as bar:
+        for ids in encode_chunks(tokenizer, source.chunks(hasher, bar)):
+            f.write(ids.astype(dtype).tobytes())
+    n = tmp.stat().st_size // np.dtype(dtype).itemsize
+    n_val = int(n * val_fraction)
+    with open(prepared_dir / "val.bin", "wb") as f:
+        if n_val:
+            np.memmap(tmp, dtype=dtype, mode="r")[n - n_val:].tofile(f)
+    os.truncate(tmp, (n - n_val) * np.dtype(dtype).itemsize)
+    os.replace(tmp, prepared_dir / "train.bin")
+    meta = {"settings": settings, "stamp": source.stamp(), "sha256": hasher.hexdigest(), "dtype": np.dtype(dtype).name,
+            "tokenizer": tokenizer.to_dict()}
+    meta_path.write_text(json.dumps(meta, ensure_ascii=False))
+    return open_splits(prepared_dir, dtype)
+
+
+def reuse(source, prepared_dir, settings):
+    """(tokenizer data, splits) from an earlier preparation of the same text with the same
+    settings, or None. The text is read (to hash it) only when its sizes or mtimes changed."""
+    meta_path = prepared_dir / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("settings") != settings or not all((prepared_dir / f"{s}.bin").is_file() for s in ("train", "val")):
+        return None
+    if meta["stamp"] != source.stamp():
+        hasher = hashlib.sha256()
+        for _ in source.chunks(hasher):
+            pass
+        if hasher.hexdigest() != meta["sha256"]:
+            return None
+        meta["stamp"] = source.stamp()
+        meta_path.write_text(json.dumps(meta, ensure_ascii=False))
+    return meta["tokenizer"], open_splits(prepared_dir, meta["dtype"])
+
+
+def open_splits(prepared_dir, dtype):
+    return {s: np.memmap(p, dtype=dtype, mode="r") if p.stat().st_size else np.zeros(0, dtype)
+            for s, p in ((s, prepared_dir / f"{s}.bin") for s in ("train", "val"))}

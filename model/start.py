@@ -108,14 +108,14 @@ def build_model(cfg, start, task):
     position embeddings to the task's block size and grows the vocabulary."""
     args = {k: getattr(cfg, k) for k in MODEL_FIELDS} if start.mode == "scratch" else dict(start.model_args)
     args.update(dropout=cfg.dropout, attention=cfg.attention, block_size=task.block_size,
-                vocab_size=task.tokenizer.vocab_size)
+                vocab_size=task.model_vocab_size)
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**args))
     if start.ckpt is not None:
         state = model_from_checkpoint(start.ckpt).state_dict()
         if start.mode == "finetune":
             state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:task.block_size]
-            grow_vocabulary(state, task.tokenizer.vocab_size, torch.Generator().manual_seed(cfg.seed))
+            grow_vocabulary(state, task.model_vocab_size, torch.Generator().manual_seed(cfg.seed))
         model.load_state_dict(state)
     return model
 

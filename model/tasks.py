@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.data import prepare_tokens, read_text
+from model.data import TextSource, prepare, reuse
 from model.errors import UserError
 from model.sampling import generate
-from model.tokenizer import CharTokenizer
+from model.tokenizer import CharTokenizer, StreamDecoder, characters, load_tokenizer_files, tokenizer_from_dict, train_bpe
 
 SEPARATOR = "-" * 40  # between samples
 
@@ -40,6 +40,7 @@ class SortTask:
         self.alphabet = alphabet
         self.tokenizer = CharTokenizer(list(alphabet))  # ids follow the alphabet: A=0, B=1, C=2
         self.block_size = 2 * length - 1
+        self.model_vocab_size = len(alphabet)
         n = len(alphabet) ** length
         if n > 2 ** 40:
             raise UserError(f"{len(alphabet)}^{length} inputs are too many to number; use fewer letters")
@@ -142,7 +143,7 @@ class SortTask:
         """An input and the model's greedy answer (as trained), as (tokens, ids)."""
         letters = self.read_letters(start) if start else self.inputs(self.splits["val"][:1])
         ids = generate(model, letters, self.length - 1, temperature=0.0)[0].tolist()
-        return [self.tokenizer.itos[i] for i in ids], ids
+        return [self.tokenizer.label(i) for i in ids], ids
 
     def sample(self, cfg, prompt, model, device):
         """sample.py: --eval scores every input; --start prints its answer; else random inputs, marked."""
@@ -176,32 +177,31 @@ class TextTask:
     ids are prepared once (model/data.py) and read back memory-mapped; for inference the task
     needs only the tokenizer (None for a nanoGPT checkpoint: ids in, ids out)."""
 
-    def __init__(self, tokenizer, block_size, data=None):
+    def __init__(self, tokenizer, block_size, data=None, model_vocab_size=None):
         self.tokenizer = tokenizer
         self.block_size = block_size
         self.data = data  # {"train": ids, "val": ids}, training only
+        self.model_vocab_size = model_vocab_size or (tokenizer.model_vocab_size() if tokenizer else None)
 
     @classmethod
     def for_training(cls, cfg, start):
-        """The text of cfg.data with the tokenizer and block size the start calls for: new from
-        the text, the checkpoint's (resume), or the base model's grown by the text's new
-        characters (fine-tune)."""
-        text = read_text(cfg.data)
-        if not text:
+        """The text of cfg.data, prepared in bounded memory (model/data.py), with the tokenizer the
+        start calls for: new (char, BPE trained on the text, or loaded from files), the
+        checkpoint's (resume), or the base model's with the text's new characters (fine-tune)."""
+        source = TextSource.at(cfg.data)
+        if source.size == 0:
             raise UserError("the text is empty: give a file with at least a few hundred characters")
-        if start.mode == "scratch":
-            tokenizer, block_size = CharTokenizer.from_text(text), cfg.block_size
+        settings = {"tokenizer": cfg.tokenizer if start.mode == "scratch" else start.mode, "vocab_size": cfg.vocab_size,
+                    "base": start.tokenizer.digest() if start.tokenizer else None, "val_fraction": cfg.val_fraction}
+        prepared = Path(cfg.out_dir) / "prepared"
+        found = reuse(source, prepared, settings)
+        if found is not None:
+            tokenizer, data = tokenizer_from_dict(found[0]), found[1]
         else:
-            tokenizer, block_size = start.tokenizer, start.model_args["block_size"]
-            if start.mode == "finetune":
-                tokenizer = tokenizer.extend(text)
-                block_size = cfg.block_size or block_size
-                if block_size > start.model_args["block_size"]:
-                    raise UserError(f"block_size={block_size} is larger than the base model's "
-                                    f"{start.model_args['block_size']}; a fine-tune can keep it or reduce it "
-                                    f"(--block_size={start.model_args['block_size']} or less)")
-        data = prepare_tokens(text, tokenizer, Path(cfg.out_dir) / "prepared", cfg.val_fraction)
-        return cls(tokenizer, block_size, checked_splits(data, block_size, cfg.val_fraction))
+            tokenizer = text_tokenizer(cfg, start, source)
+            data = prepare(source, tokenizer, prepared, cfg.val_fraction, settings)
+        block_size, vocab = text_model_shape(cfg, start, tokenizer)
+        return cls(tokenizer, block_size, checked_splits(data, block_size, cfg.val_fraction), vocab)
 
     def get_batch(self, split, batch_size, generator):
         data = self.data[split]
@@ -222,7 +222,9 @@ class TextTask:
     # ---- what the commands show ----
 
     def describe(self, config):
-        return f"text from {config.get('data')} ({self.tokenizer.vocab_size} characters)"
+        tok = self.tokenizer
+        size = f"{tok.vocab_size} characters" if tok.kind == "char" else f"{tok.vocab_size}-token {tok.kind} tokenizer"
+        return f"text from {config.get('data')} ({size})"
 
     def report_rows(self, run):
         return []
@@ -230,7 +232,7 @@ class TextTask:
     def demo(self, model, device, count=3, new_tokens=100):
         """A few samples at temperature 0.8 from a fresh line (seeded: the same every time)."""
         tok = self.tokenizer
-        ids = torch.tensor([tok.encode(tok.start_text())] * count, device=device)
+        ids = torch.tensor([tok.start_ids()] * count, device=device)
         out = generate(model, ids, new_tokens, temperature=0.8, generator=torch.Generator(device).manual_seed(1337),
                        vocab_limit=tok.vocab_size)
         return f"\n{SEPARATOR}\n".join(tok.decode(row.tolist()) for row in out)
@@ -247,26 +249,29 @@ class TextTask:
         if start:
             ids = self.encode_prompt(start)[-self.block_size:]
         else:
-            first = torch.tensor([tok.encode(tok.start_text())])
-            ids = generate(model, first, min(24, self.block_size) - 1, temperature=0.0)[0].tolist()
-        return [tok.itos[i] for i in ids], ids
+            first = torch.tensor([tok.start_ids()])
+            ids = generate(model, first, min(24, self.block_size) - 1, temperature=0.0,
+                           vocab_limit=tok.vocab_size)[0].tolist()
+        return [tok.label(i) for i in ids], ids
 
     def sample(self, cfg, prompt, model, device):
         """sample.py: num_samples continuations of the prompt, generated as one batch. The first
         streams as it comes; the others print when they are done."""
-        if self.tokenizer is None:
+        tok = self.tokenizer
+        if tok is None:
             ids, decode = prompt_ids(prompt), lambda row: " ".join(str(i) for i in row)
+            stream = lambda t: print(f" {t[0].item()}", end="", flush=True)  # noqa: E731
         else:
-            ids = self.tokenizer.encode(prompt or self.tokenizer.start_text(), drop_unknown=cfg.drop_unknown)
-            decode = self.tokenizer.decode
+            ids = tok.encode(prompt, drop_unknown=cfg.drop_unknown) if prompt else tok.start_ids()
             if not ids:
                 raise UserError("the prompt is empty once unknown characters are dropped; give --start with known "
                                 "characters")
+            decode, first = tok.decode, StreamDecoder(tok, ids)
+            stream = lambda t: print(first.add(t[0].item()), end="", flush=True)  # noqa: E731
         if len(ids) > self.block_size:
             print(f"notice: the prompt has {len(ids)} tokens; the model reads its last {self.block_size} "
                   f"(block_size)", file=sys.stderr)
         print(decode(ids), end="", flush=True)
-        stream = lambda t: print(("" if self.tokenizer else " ") + decode([t[0].item()]), end="", flush=True)  # noqa: E731
         out = generate(model, torch.tensor([ids] * cfg.num_samples, device=device), cfg.max_new_tokens,
                        cfg.temperature, cfg.top_k, cfg.top_p, torch.Generator(device).manual_seed(cfg.seed),
                        cfg.kv_cache, on_token=stream,
@@ -290,19 +295,56 @@ def checked_splits(data, block_size, val_fraction):
     n_train, n_val = len(data["train"]), len(data["val"])
     if n_train < block_size + 1:
         need = int((block_size + 1) / (1 - val_fraction)) + 1
-        raise UserError(f"the text is too short: its training part has {n_train} characters and "
+        raise UserError(f"the text is too short: its training part has {n_train} tokens and "
                         f"block_size={block_size} needs at least {block_size + 1} (a text of about "
-                        f"{need} characters with val_fraction={val_fraction}); use more text or a "
+                        f"{need} tokens with val_fraction={val_fraction}); use more text or a "
                         f"smaller --block_size")
     if n_val < block_size + 1:
         if val_fraction > 0:
             enough = np.ceil(100 * (block_size + 2) / (n_train + n_val)) / 100
-            print(f"warning: the validation split has {n_val} characters, fewer than block_size + 1 = "
+            print(f"warning: the validation split has {n_val} tokens, fewer than block_size + 1 = "
                   f"{block_size + 1}; the val loss is measured on the training text instead. To fix "
                   f"it, raise --val_fraction (to {enough:.2f} or more) or lower --block_size "
                   f"(to {max(1, n_val - 1)} or less)", file=sys.stderr)
         data["val"] = data["train"]
     return data
+
+
+def text_tokenizer(cfg, start, source):
+    """The tokenizer a text task trains with; building one may read the text (streamed)."""
+    if start.mode == "resume":
+        return start.tokenizer
+    if start.mode == "finetune":
+        if start.tokenizer.kind != "char":
+            return start.tokenizer  # a subword vocabulary spells the new text as it is
+        return start.tokenizer.extend(characters(source.chunks()))
+    if cfg.tokenizer == "char":
+        return CharTokenizer(characters(source.chunks()))
+    if cfg.tokenizer == "bpe":
+        if not cfg.vocab_size:
+            raise UserError("--tokenizer=bpe needs --vocab_size: how many tokens to learn (e.g. 4096)")
+        return train_bpe(source.chunks(), cfg.vocab_size)
+    return load_tokenizer_files(cfg.tokenizer)
+
+
+def text_model_shape(cfg, start, tokenizer):
+    """(block_size, the model's vocabulary size) for a text task. From scratch: block_size and
+    the tokenizer's size (subword vocabularies padded to a multiple of 64), or --vocab_size when
+    a char or loaded tokenizer is given one; otherwise the checkpoint's, grown if the tokenizer grew."""
+    if start.mode == "scratch":
+        vocab = tokenizer.model_vocab_size()
+        if cfg.vocab_size and cfg.tokenizer != "bpe":
+            if cfg.vocab_size < tokenizer.vocab_size:
+                raise UserError(f"--vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                                f"{tokenizer.vocab_size} tokens; leave it 0 or give {tokenizer.vocab_size} or more")
+            vocab = cfg.vocab_size
+        return cfg.block_size, vocab
+    base = start.model_args["block_size"]
+    block_size = base if start.mode == "resume" else cfg.block_size or base
+    if block_size > base:
+        raise UserError(f"block_size={block_size} is larger than the base model's {base}; a fine-tune can keep it "
+                        f"or reduce it (--block_size={base} or less)")
+    return block_size, max(start.model_args["vocab_size"], tokenizer.vocab_size)
 
 
 TASKS = {"sort": SortTask, "text": TextTask}
@@ -317,4 +359,4 @@ def task_from_checkpoint(ckpt, tokenizer, block_size):
     state = ckpt.get("task") or {"type": "text"}
     if state["type"] == "sort":
         return SortTask.from_state(state)
-    return TextTask(tokenizer, block_size)
+    return TextTask(tokenizer, block_size, model_vocab_size=ckpt["model_args"]["vocab_size"])

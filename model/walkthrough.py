@@ -288,11 +288,12 @@ def run(cfg):
     if tokenizer is None:
         raise UserError("this checkpoint has no vocabulary (a nanoGPT checkpoint?); pass --meta=path/to/meta.pkl")
     if not cfg.start:
-        raise UserError(f"give the input to walk through with --start, e.g. --start={''.join(tokenizer.itos[:3])!r}")
+        example = tokenizer.decode(range(min(3, tokenizer.vocab_size))) if tokenizer.kind == "char" else "Hello"
+        raise UserError(f"give the input to walk through with --start, e.g. --start={example!r}")
     unknown = tokenizer.unknown(cfg.start)
     if unknown:
         raise UserError(f"--start has characters the model does not know: {''.join(unknown)!r}; "
-                        f"its vocabulary is {''.join(tokenizer.itos)!r}")
+                        f"its vocabulary has {tokenizer.vocab_size} tokens")
     ids = tokenizer.encode(cfg.start)
     if len(ids) > model.config.block_size:
         raise UserError(f"--start has {len(ids)} tokens; this model reads at most block_size="
@@ -300,8 +301,9 @@ def run(cfg):
     layers = pick(cfg.layers, model.config.n_layer, "layers")
     heads = pick(cfg.heads, model.config.n_head, "heads")
     params = ref.params_from_state_dict(model.state_dict())
-    tokens = [tokenizer.itos[i] for i in ids]
-    steps = walk(params, model.config, ids, tokens, tokenizer.itos, layers, heads, cfg.temperature)
+    tokens = [tokenizer.label(i) for i in ids]
+    vocab = [tokenizer.label(i) if i < tokenizer.vocab_size else f"<pad {i}>" for i in range(model.config.vocab_size)]
+    steps = walk(params, model.config, ids, tokens, vocab, layers, heads, cfg.temperature)
     check(steps, torch_values(model, ids, temperatures(cfg.temperature)))
     c = model.config
     info = {"checkpoint": str(path), "input": cfg.start, "tokens": tokens, "ids": ids,

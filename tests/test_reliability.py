@@ -29,7 +29,7 @@ SMALL = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=8", "--batch_
     (None, "not found: give a UTF-8 text file or a folder of .txt files"),
     (b"", "the text is empty"),
     (b"abc\xff\xfedef", "is not UTF-8 text: byte 3 (0xff)"),
-    ("短文".encode("utf-8"), "the text is too short: its training part has 2 characters and block_size=8 needs at least 9"),
+    ("短文".encode("utf-8"), "the text is too short: its training part has 2 tokens and block_size=8 needs at least 9"),
 ])
 def test_bad_data_through_train_py(in_tmp, capsys, content, message):
     if content is not None:

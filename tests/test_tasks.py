@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import prepare_tokens, read_text
+from model.data import read_text
 from model.errors import UserError
 from model.config import TrainConfig
 from model.start import Start
@@ -81,7 +81,7 @@ def test_text_batches_are_shifted_by_one(tmp_path):
 def test_text_errors(tmp_path):
     with pytest.raises(UserError, match="the text is empty"):
         text_task(tmp_path, "", 8, 0.1)
-    with pytest.raises(UserError, match=r"too short: its training part has 5 characters and block_size=8 needs at least 9"):
+    with pytest.raises(UserError, match=r"too short: its training part has 5 tokens and block_size=8 needs at least 9"):
         text_task(tmp_path, "ababa", 8, 0.0)
     bad = tmp_path / "gbk.txt"
     bad.write_bytes("你好".encode("utf-8") + "世界".encode("gbk"))
@@ -95,7 +95,7 @@ def test_small_validation_split_warns_with_a_fix(tmp_path, capsys):
     text = "abcdefghij" * 5
     task = text_task(tmp_path, text, block_size=8, val_fraction=0.1)
     err = capsys.readouterr().err
-    assert "warning: the validation split has 5 characters, fewer than block_size + 1 = 9" in err
+    assert "warning: the validation split has 5 tokens, fewer than block_size + 1 = 9" in err
     assert "--val_fraction (to 0.20 or more) or lower --block_size (to 4 or less)" in err
     assert task.data["val"] is task.data["train"], "the val loss falls back to the training text"
     text_task(tmp_path, text, block_size=8, val_fraction=0.2, name="b.txt")
@@ -104,22 +104,22 @@ def test_small_validation_split_warns_with_a_fix(tmp_path, capsys):
 
 def test_prepared_tokens_are_reused_until_the_text_changes(tmp_path):
     text = "白日依山尽,黄河入海流。" * 4
-    tok = CharTokenizer.from_text(text)
-    first = prepare_tokens(text, tok, tmp_path, 0.25)
-    stamp = (tmp_path / "train.bin").stat().st_mtime_ns
+    first = text_task(tmp_path, text, 4, 0.25)
+    train_bin = tmp_path / "out-t.txt" / "prepared" / "train.bin"
+    stamp = train_bin.stat().st_mtime_ns
     time.sleep(0.01)
-    again = prepare_tokens(text, tok, tmp_path, 0.25)
-    assert (tmp_path / "train.bin").stat().st_mtime_ns == stamp, "same text: the prepared files are reused"
-    assert np.array_equal(first["train"], again["train"]) and first["train"].dtype == np.uint16
-    changed = text.replace("黄河", "长江")
-    prepare_tokens(changed, CharTokenizer.from_text(changed), tmp_path, 0.25)
-    assert (tmp_path / "train.bin").stat().st_mtime_ns != stamp, "a changed text is prepared again"
-    assert isinstance(again["train"], np.memmap), "read back memory-mapped, not held in memory"
+    again = text_task(tmp_path, text, 4, 0.25)
+    assert train_bin.stat().st_mtime_ns == stamp, "same text: the prepared files are reused"
+    assert np.array_equal(first.data["train"], again.data["train"]) and first.data["train"].dtype == np.uint16
+    assert again.tokenizer == first.tokenizer, "the tokenizer comes back with the reused files"
+    changed = text_task(tmp_path, text.replace("黄河", "长江"), 4, 0.25)
+    assert train_bin.stat().st_mtime_ns != stamp, "a changed text is prepared again"
+    assert "长" in changed.tokenizer.itos
+    assert isinstance(again.data["train"], np.memmap), "read back memory-mapped, not held in memory"
 
 
 def test_vocabularies_past_65535_use_uint32(tmp_path):
     text = "".join(chr(0x10000 + i) for i in range(70_000)) * 2
-    tok = CharTokenizer.from_text(text)
-    data = prepare_tokens(text, tok, tmp_path, 0.0)
-    assert data["train"].dtype == np.uint32 and tok.vocab_size == 70_000
-    assert tok.decode(data["train"][69_990:70_010]) == text[69_990:70_010]
+    task = text_task(tmp_path, text, 8, 0.0)
+    assert task.data["train"].dtype == np.uint32 and task.tokenizer.vocab_size == 70_000
+    assert task.tokenizer.decode(task.data["train"][69_990:70_010]) == text[69_990:70_010]
