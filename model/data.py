@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +103,7 @@ def read_text(path):
     return "".join(TextSource.at(path).chunks())
 
 
-def safe_pieces(chunks, target=1 << 16):
+def safe_pieces(chunks, target=1 << 14):
     """Re-cut text chunks into pieces of about `target` characters at SAFE_CUT places, so that
     encoding the pieces one by one gives the ids of the whole text."""
     rest = ""
@@ -126,7 +128,8 @@ def encode_chunks(tokenizer, chunks):
             yield tokenizer.encode_array(chunk)
     else:
         for pieces in safe_pieces(chunks):
-            yield tokenizer.encode_batch(pieces)
+            for i in range(0, len(pieces), 64):  # about 1 MB at a time, encoded in parallel
+                yield tokenizer.encode_batch(pieces[i:i + 64])
 
 
 def token_dtype(vocab_size):
@@ -140,7 +143,7 @@ def prepare(source, tokenizer, prepared_dir, val_fraction, settings):
     meta_path = prepared_dir / "meta.json"
     meta_path.unlink(missing_ok=True)
     dtype = token_dtype(tokenizer.model_vocab_size())
-    hasher, tmp = hashlib.sha256(), prepared_dir / "all.bin.tmp"
+    hasher, tmp, start = hashlib.sha256(), prepared_dir / "all.bin.tmp", time.perf_counter()
     with open(tmp, "wb") as f, tqdm(total=source.size, unit="B", unit_scale=True, desc="preparing text",
                                      dynamic_ncols=True, disable=source.size < CHUNK_BYTES) as bar:
         for ids in encode_chunks(tokenizer, source.chunks(hasher, bar)):
@@ -155,6 +158,9 @@ def prepare(source, tokenizer, prepared_dir, val_fraction, settings):
     meta = {"settings": settings, "stamp": source.stamp(), "sha256": hasher.hexdigest(), "dtype": np.dtype(dtype).name,
             "tokenizer": tokenizer.to_dict()}
     meta_path.write_text(json.dumps(meta, ensure_ascii=False))
+    seconds = time.perf_counter() - start
+    print(f"prepared {source.size / 1e6:.1f} MB of text into {n:,} tokens in {seconds:.1f}s "
+          f"({source.size / 1e6 / max(seconds, 1e-9):.1f} MB/s): {prepared_dir}", file=sys.stderr)
     return open_splits(prepared_dir, dtype)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.data import TextSource, prepare, reuse
+from model.data import TextSource, prepare, reuse, safe_pieces
 from model.errors import UserError
 from model.sampling import generate
 from model.tokenizer import CharTokenizer, StreamDecoder, characters, load_tokenizer_files, tokenizer_from_dict, train_bpe
@@ -323,7 +323,8 @@ def text_tokenizer(cfg, start, source):
     if cfg.tokenizer == "bpe":
         if not cfg.vocab_size:
             raise UserError("--tokenizer=bpe needs --vocab_size: how many tokens to learn (e.g. 4096)")
-        return train_bpe(source.chunks(), cfg.vocab_size)
+        # pieces of a few KB: the trainer's memory follows the size of the strings it is given
+        return train_bpe((piece for pieces in safe_pieces(source.chunks()) for piece in pieces), cfg.vocab_size)
     return load_tokenizer_files(cfg.tokenizer)
 
 

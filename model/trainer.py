@@ -285,7 +285,8 @@ def finish(run, progress):
         summary["checkpoint"] = str(Path(run.cfg.out_dir) / "ckpt.pt")
     if rt.master:
         write_run_summary(run.cfg.out_dir, {**summary, "device": rt.device, "processes": rt.world_size,
-                                            "dtype": str(rt.dtype).replace("torch.", "")})
+                                            "dtype": str(rt.dtype).replace("torch.", ""),
+                                            "loop_started_at": progress.start})
         summary["report"] = str(write_report(run.cfg.out_dir))
         print(f"stopped after {run.iter_num} iterations ({summary['stopped']}) in {summary['wall_s']:.1f}s; "
               f"checkpoint: {summary['checkpoint']}; report: {summary['report']}")
