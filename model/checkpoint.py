@@ -16,6 +16,7 @@ import torch
 
 from model.errors import UserError
 from model.gpt import GPT, GPTConfig
+from model.hf import is_hf_folder, read_folder
 from model.runtime import resolve_device
 from model.tasks import task_from_checkpoint
 from model.tokenizer import CharTokenizer, tokenizer_from_dict
@@ -45,13 +46,14 @@ def record_latest(path):
 
 
 def find_checkpoint(out_dir="", ckpt=""):
-    """The checkpoint file named by `ckpt`, or out_dir/ckpt.pt, or (neither given) the one
-    train.py wrote last. A missing one raises UserError saying how to make one."""
-    if ckpt:
-        path = Path(ckpt)
-    elif out_dir:
-        path = Path(out_dir)
-        path = path / "ckpt.pt" if path.is_dir() or not path.suffix else path
+    """The checkpoint named by `ckpt` or `out_dir`: a file, a folder's ckpt.pt, or a Hugging Face
+    GPT-2 folder; neither given, the one train.py wrote last. A missing one raises UserError
+    saying how to make one."""
+    if ckpt or out_dir:
+        path = Path(ckpt or out_dir)
+        if path.is_dir() and not (path / "ckpt.pt").is_file() and is_hf_folder(path):
+            return path
+        path = path / "ckpt.pt" if path.is_dir() or (not ckpt and not path.suffix) else path
     elif LATEST.is_file():
         path = Path(LATEST.read_text(encoding="utf-8").strip())
     else:
@@ -67,6 +69,8 @@ def load_checkpoint(path):
     model_from_checkpoint moves the weights where they run, and the rest (optimizer state,
     the sort split) stays off the GPU."""
     path = Path(path)
+    if is_hf_folder(path):
+        return read_folder(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; {TRAIN_HINT}")
     try:

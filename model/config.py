@@ -53,6 +53,7 @@ class TrainConfig:
     block_size: int = 64  # sort: follows from sort_length; fine-tune: 0 keeps the base model's
     tokenizer: str = "char"  # text: 'char', 'bpe' (byte-level BPE trained on the text), or a tokenizer's path
     vocab_size: int = 0  # bpe: how many tokens to learn; char or a path: 0 is the tokenizer's size
+    drop_unknown: bool = False  # a vocabulary from files: leave out characters it lacks instead of adding them
     gradient_accumulation_steps: int = 1
     # model
     n_layer: int = 4

@@ -27,6 +27,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
     gelu: str = "exact"
+    layer_norm_eps: float = 1e-5  # LN(x) = (x - mean) / sqrt(var + eps): GPT-2 folders say theirs
     attention: str = "sdpa"
 
     def __post_init__(self):
@@ -42,6 +43,8 @@ class GPTConfig:
                 f"(e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 < self.layer_norm_eps < 1:
+            raise UserError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps!r}")
         if self.gelu not in GELU_FORMS:
             raise UserError(f"gelu must be one of {GELU_FORMS}, got {self.gelu!r}")
         if self.attention not in ATTENTION_FORMS:
@@ -141,9 +144,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, layer=0):
@@ -162,7 +165,7 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # weight tying: the LM head reads the vocabulary with the token embedding matrix

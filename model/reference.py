@@ -185,10 +185,11 @@ def cross_entropy_backward(logits, targets):
 def forward(params, config, idx, targets=None):
     """The GPT forward pass. idx, targets: (B, T) int arrays. Returns logits (B, T, V), the loss
     (None without targets) and `acts`, every intermediate by name, for backward() and for
-    anyone who wants to look inside. `config` needs n_layer, n_head, gelu and bias-free
-    parameters simply absent from `params`."""
+    anyone who wants to look inside. `config` needs n_layer, n_head, gelu and layer_norm_eps;
+    bias-free parameters are simply absent from `params`."""
     B, T = idx.shape
     P = lambda name: params.get(name)  # noqa: E731  (a missing bias is None)
+    eps = config.layer_norm_eps
     acts = {"idx": idx}
     acts["tok_emb"] = embed_tokens(idx, P("transformer.wte.weight"))
     acts["pos_emb"] = embed_positions(T, P("transformer.wpe.weight"))
@@ -196,7 +197,7 @@ def forward(params, config, idx, targets=None):
     for i in range(config.n_layer):
         h = f"transformer.h.{i}."
         a = {"x_in": x}
-        a["ln_1"] = layer_norm(x, P(h + "ln_1.weight"), P(h + "ln_1.bias"))
+        a["ln_1"] = layer_norm(x, P(h + "ln_1.weight"), P(h + "ln_1.bias"), eps)
         a["qkv"] = linear(a["ln_1"], P(h + "attn.c_attn.weight"), P(h + "attn.c_attn.bias"))
         q, k, v = split_qkv(a["qkv"])
         a["q"], a["k"], a["v"] = (split_heads(t, config.n_head) for t in (q, k, v))
@@ -207,13 +208,13 @@ def forward(params, config, idx, targets=None):
         a["y"] = merge_heads(a["y_heads"])
         a["attn_out"] = linear(a["y"], P(h + "attn.c_proj.weight"), P(h + "attn.c_proj.bias"))
         a["x_mid"] = x = x + a["attn_out"]  # residual add
-        a["ln_2"] = layer_norm(x, P(h + "ln_2.weight"), P(h + "ln_2.bias"))
+        a["ln_2"] = layer_norm(x, P(h + "ln_2.weight"), P(h + "ln_2.bias"), eps)
         a["fc"] = linear(a["ln_2"], P(h + "mlp.c_fc.weight"), P(h + "mlp.c_fc.bias"))
         a["gelu"] = gelu(a["fc"], config.gelu)
         a["mlp_out"] = linear(a["gelu"], P(h + "mlp.c_proj.weight"), P(h + "mlp.c_proj.bias"))
         a["x_out"] = x = x + a["mlp_out"]  # residual add
         acts[f"layer{i}"] = a
-    acts["ln_f"] = layer_norm(x, P("transformer.ln_f.weight"), P("transformer.ln_f.bias"))
+    acts["ln_f"] = layer_norm(x, P("transformer.ln_f.weight"), P("transformer.ln_f.bias"), eps)
     logits = acts["ln_f"] @ P("transformer.wte.weight").T  # LM head tied to the token embedding
     acts["logits"] = logits
     loss = cross_entropy(logits, targets) if targets is not None else None
@@ -236,7 +237,8 @@ def backward(params, config, acts, targets):
     put("transformer.wte.weight", dlogits.reshape(-1, wte.shape[0]).T @ acts["ln_f"].reshape(-1, wte.shape[1]))
     dln_f = dlogits @ wte
     x_last = acts[f"layer{config.n_layer - 1}"]["x_out"] if config.n_layer else acts["x0"]
-    dx, dw, db = layer_norm_backward(dln_f, x_last, P("transformer.ln_f.weight"))
+    eps = config.layer_norm_eps
+    dx, dw, db = layer_norm_backward(dln_f, x_last, P("transformer.ln_f.weight"), eps)
     put("transformer.ln_f.weight", dw)
     put("transformer.ln_f.bias", db)
     for i in reversed(range(config.n_layer)):
@@ -250,7 +252,7 @@ def backward(params, config, acts, targets):
         dln_2, dW, db = linear_backward(dfc, a["ln_2"], P(h + "mlp.c_fc.weight"))
         put(h + "mlp.c_fc.weight", dW)
         put(h + "mlp.c_fc.bias", db)
-        dx_norm, dw, db = layer_norm_backward(dln_2, a["x_mid"], P(h + "ln_2.weight"))
+        dx_norm, dw, db = layer_norm_backward(dln_2, a["x_mid"], P(h + "ln_2.weight"), eps)
         put(h + "ln_2.weight", dw)
         put(h + "ln_2.bias", db)
         dx = dx + dx_norm
@@ -266,7 +268,7 @@ def backward(params, config, acts, targets):
         dln_1, dW, db = linear_backward(dqkv, a["ln_1"], P(h + "attn.c_attn.weight"))
         put(h + "attn.c_attn.weight", dW)
         put(h + "attn.c_attn.bias", db)
-        dx_norm, dw, db = layer_norm_backward(dln_1, a["x_in"], P(h + "ln_1.weight"))
+        dx_norm, dw, db = layer_norm_backward(dln_1, a["x_in"], P(h + "ln_1.weight"), eps)
         put(h + "ln_1.weight", dw)
         put(h + "ln_1.bias", db)
         dx = dx + dx_norm

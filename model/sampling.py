@@ -34,7 +34,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
-             generator=None, use_cache=True, on_token=None, vocab_limit=None):
+             generator=None, use_cache=True, on_token=None, vocab_limit=None, banned=None):
     """Extend idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).
 
     The model reads a window of at most block_size recent tokens. When the window is full it
@@ -42,7 +42,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
     again), so the KV cache stays useful past block_size; with use_cache=False every step
     recomputes the same window from scratch, giving the same tokens more slowly.
     on_token(ids (B, 1)) is called after each new token, for streaming. With vocab_limit, ids
-    from vocab_limit on (a model's vocabulary padded past its tokenizer's) are never drawn."""
+    from vocab_limit on (a model's vocabulary padded past its tokenizer's) are never drawn, nor
+    are the `banned` ids (e.g. BERT's [CLS] and [SEP])."""
     was_training = model.training
     model.eval()
     block_size = model.config.block_size
@@ -60,6 +61,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
         else:
             logits, _ = model(idx[:, -1:], kv_cache=cache)
         logits = logits[:, -1, :vocab_limit]
+        if banned:
+            logits[:, banned] = float("-inf")
         next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
         idx = torch.cat([idx, next_id], dim=1)
         if on_token is not None:

@@ -54,6 +54,9 @@ def read_start(cfg):
         verb = "resume" if mode == "resume" else "fine-tune from"
         raise UserError(f"{path} has no vocabulary or task (it was written by nanoGPT?), so train.py cannot "
                         f"{verb} it; sample it with: python sample.py --ckpt={path} --meta=path/to/meta.pkl")
+    if mode == "resume" and "optimizer" not in ckpt:
+        raise UserError(f"{path} has no optimizer state (a converted or downloaded model), so it cannot be "
+                        f"resumed; fine-tune from it with --init_from={path}")
     return Start(mode, ckpt, tokenizer_from_checkpoint(ckpt), asdict(config_of(ckpt)))
 
 

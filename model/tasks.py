@@ -192,7 +192,8 @@ class TextTask:
         if source.size == 0:
             raise UserError("the text is empty: give a file with at least a few hundred characters")
         settings = {"tokenizer": cfg.tokenizer if start.mode == "scratch" else start.mode, "vocab_size": cfg.vocab_size,
-                    "base": start.tokenizer.digest() if start.tokenizer else None, "val_fraction": cfg.val_fraction}
+                    "base": start.tokenizer.digest() if start.tokenizer else None, "val_fraction": cfg.val_fraction,
+                    "drop_unknown": cfg.drop_unknown}
         prepared = Path(cfg.out_dir) / "prepared"
         found = reuse(source, prepared, settings)
         if found is not None:
@@ -234,7 +235,7 @@ class TextTask:
         tok = self.tokenizer
         ids = torch.tensor([tok.start_ids()] * count, device=device)
         out = generate(model, ids, new_tokens, temperature=0.8, generator=torch.Generator(device).manual_seed(1337),
-                       vocab_limit=tok.vocab_size)
+                       vocab_limit=tok.vocab_size, banned=tok.never_sampled())
         return f"\n{SEPARATOR}\n".join(tok.decode(row.tolist()) for row in out)
 
     def encode_prompt(self, text):
@@ -261,6 +262,7 @@ class TextTask:
         if tok is None:
             ids, decode = prompt_ids(prompt), lambda row: " ".join(str(i) for i in row)
             stream = lambda t: print(f" {t[0].item()}", end="", flush=True)  # noqa: E731
+            finish = str
         else:
             ids = tok.encode(prompt, drop_unknown=cfg.drop_unknown) if prompt else tok.start_ids()
             if not ids:
@@ -268,14 +270,16 @@ class TextTask:
                                 "characters")
             decode, first = tok.decode, StreamDecoder(tok, ids)
             stream = lambda t: print(first.add(t[0].item()), end="", flush=True)  # noqa: E731
+            finish = first.flush
         if len(ids) > self.block_size:
             print(f"notice: the prompt has {len(ids)} tokens; the model reads its last {self.block_size} "
                   f"(block_size)", file=sys.stderr)
         print(decode(ids), end="", flush=True)
         out = generate(model, torch.tensor([ids] * cfg.num_samples, device=device), cfg.max_new_tokens,
                        cfg.temperature, cfg.top_k, cfg.top_p, torch.Generator(device).manual_seed(cfg.seed),
-                       cfg.kv_cache, on_token=stream,
-                       vocab_limit=self.tokenizer.vocab_size if self.tokenizer else None)
+                       cfg.kv_cache, on_token=stream, vocab_limit=tok.vocab_size if tok else None,
+                       banned=tok.never_sampled() if tok else None)
+        print(finish(), end="")
         for row in out[1:]:
             print(f"\n{SEPARATOR}\n{decode(row.tolist())}", end="")
         print()
@@ -314,18 +318,35 @@ def text_tokenizer(cfg, start, source):
     """The tokenizer a text task trains with; building one may read the text (streamed)."""
     if start.mode == "resume":
         return start.tokenizer
-    if start.mode == "finetune":
-        if start.tokenizer.kind != "char":
-            return start.tokenizer  # a subword vocabulary spells the new text as it is
-        return start.tokenizer.extend(characters(source.chunks()))
-    if cfg.tokenizer == "char":
+    if start.mode == "scratch" and cfg.tokenizer == "char":
         return CharTokenizer(characters(source.chunks()))
-    if cfg.tokenizer == "bpe":
+    if start.mode == "scratch" and cfg.tokenizer == "bpe":
         if not cfg.vocab_size:
             raise UserError("--tokenizer=bpe needs --vocab_size: how many tokens to learn (e.g. 4096)")
         # pieces of a few KB: the trainer's memory follows the size of the strings it is given
         return train_bpe((piece for pieces in safe_pieces(source.chunks()) for piece in pieces), cfg.vocab_size)
-    return load_tokenizer_files(cfg.tokenizer)
+    tokenizer = load_tokenizer_files(cfg.tokenizer) if start.mode == "scratch" else start.tokenizer
+    if tokenizer.kind == "char":
+        return tokenizer.extend(characters(source.chunks()))  # new characters, new ids
+    if tokenizer.unk_id is None:
+        return tokenizer  # byte-level: spells any text as it is
+    return spell_the_text(tokenizer, characters(source.chunks()), cfg.drop_unknown)
+
+
+def spell_the_text(tokenizer, chars, drop_unknown):
+    """A vocabulary that can spell every character of the text: the characters it lacks join it
+    as new ids (the known ones keep theirs), or with --drop_unknown they are left out, with a
+    notice; never silently the unknown token. A byte-level vocabulary spells anything already."""
+    missing = tokenizer.unknown("".join(chars))
+    if not missing:
+        return tokenizer
+    shown = "".join(missing[:30]) + ("..." if len(missing) > 30 else "")
+    if drop_unknown:
+        print(f"notice: {len(missing)} characters of the text are not in the vocabulary and are left out "
+              f"(--drop_unknown): {shown}", file=sys.stderr)
+        return tokenizer
+    print(f"notice: {len(missing)} characters of the text join the vocabulary as new tokens: {shown}", file=sys.stderr)
+    return tokenizer.extend(missing)
 
 
 def text_model_shape(cfg, start, tokenizer):

@@ -80,6 +80,9 @@ class CharTokenizer:
         vocabulary has one, else its first character."""
         return [self.stoi.get("\n", 0)]
 
+    def never_sampled(self):
+        return []
+
     def unknown(self, text):
         """The characters of `text` that have no id, in order of first appearance."""
         return list(dict.fromkeys(ch for ch in text if ch not in self.stoi))
@@ -149,7 +152,7 @@ class HFTokenizer:
         self.wordpiece = (spec.get("model") or {}).get("type") == "WordPiece"
         unk = (spec.get("model") or {}).get("unk_token")
         self.unk_id = tok.token_to_id(unk) if unk else None
-        self.vocab_size = tok.get_vocab_size()
+        self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1  # a vocab.txt may skip ids
         self._bytes = {c: b for b, c in byte_symbols().items()} if self.byte_level else None
 
     def model_vocab_size(self):
@@ -168,9 +171,34 @@ class HFTokenizer:
         return ids
 
     def encode_batch(self, texts):
-        """Many texts at once (in parallel, in Rust, without offsets) -> one flat int64 array of their ids."""
+        """Many texts at once (in parallel, in Rust, without offsets) -> one flat int64 array of their
+        ids, for preparing training data: the unknown token is left out (the vocabulary grows to
+        spell the text first, unless --drop_unknown, which says what it drops)."""
         out = self.tok.encode_batch_fast(texts, add_special_tokens=False)
-        return np.concatenate([np.array(e.ids, dtype=np.int64) for e in out] or [np.zeros(0, np.int64)])
+        ids = np.concatenate([np.array(e.ids, dtype=np.int64) for e in out] or [np.zeros(0, np.int64)])
+        return ids if self.unk_id is None else ids[ids != self.unk_id]
+
+    def extend(self, chars):
+        """A WordPiece vocabulary that keeps every id and appends the characters of `chars` it
+        cannot spell (in their normalised form, e.g. lower case), for fine-tuning on new text."""
+        missing = self.unknown("".join(chars))
+        if not missing:
+            return self
+        spec = json.loads(self.tok.to_str())
+        vocab = spec["model"]["vocab"]
+        normal = self.tok.normalizer.normalize_str if self.tok.normalizer else str
+        next_id = self.vocab_size
+        for c in dict.fromkeys(normal(c).strip() for c in missing):  # BERT pads Chinese characters with spaces
+            if c and c not in vocab:
+                vocab[c], next_id = next_id, next_id + 1
+        return HFTokenizer(hf().Tokenizer.from_str(json.dumps(spec)), self.kind)
+
+    def never_sampled(self):
+        """BERT's special tokens ([CLS], [SEP], [PAD], [MASK], [UNK]) mark structure, not text."""
+        if not self.wordpiece:
+            return []
+        found = (self.tok.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"))
+        return [i for i in found if i is not None]
 
     def unknown(self, text):
         """Characters the vocabulary cannot spell (they would become the unknown token); none
@@ -263,7 +291,7 @@ def load_tokenizer_files(path):
     elif not p.is_file():
         raise UserError(f"--tokenizer={path}: no such file or folder; use char, bpe, or a tokenizer's path")
     try:
-        if p.name.endswith("vocab.txt"):
+        if p.suffix == ".txt":  # one token a line: a BERT vocab.txt
             return HFTokenizer(wordpiece_from_vocab(p), "file")
         if p.name == "vocab.json":
             if not (p.parent / "merges.txt").is_file():
@@ -303,4 +331,11 @@ class StreamDecoder:
         if text.endswith("\ufffd") or not text.startswith(self.shown):
             return ""
         new, self.shown = text[len(self.shown):], text
+        return new
+
+    def flush(self):
+        """At the end: whatever is still held back (bytes that never completed a character show
+        as U+FFFD, as they would in the whole text's decoding)."""
+        text = self.tokenizer.decode(self.ids)
+        new, self.shown = text[len(self.shown):] if text.startswith(self.shown) else "", text
         return new

@@ -81,8 +81,8 @@ def walk(params, config, ids, tokens, vocab, layers, heads, temperature):
     ]
     for i in layers:
         a, b = acts[f"layer{i}"], f"block {i}"
-        steps.append(Step(f"{b}: LayerNorm 1", "LN(x) = (x - mean(x)) / sqrt(var(x) + 1e-5) * gamma + beta, "
-                          "each row", "T x C", a["ln_1"][0], rows, chan, f"layer{i}.ln_1"))
+        steps.append(Step(f"{b}: LayerNorm 1", f"LN(x) = (x - mean(x)) / sqrt(var(x) + {config.layer_norm_eps:g}) "
+                          "* gamma + beta, each row", "T x C", a["ln_1"][0], rows, chan, f"layer{i}.ln_1"))
         for h in heads:
             span = f"channels {h * hs}..{h * hs + hs - 1} of"
             q, k, v = a["q"][0, h], a["k"][0, h], a["v"][0, h]
