@@ -17,7 +17,7 @@ import torch
 from model.errors import UserError
 from model.gpt import GPT, GPTConfig
 from model.hf import is_hf_folder, read_folder
-from model.runtime import resolve_device
+from model.runtime import decode_layout, resolve_device
 from model.tasks import task_from_checkpoint
 from model.tokenizer import CharTokenizer, tokenizer_from_dict
 
@@ -192,13 +192,16 @@ class OpenedModel:
 
 def open_model(out_dir="", ckpt="", device="cpu", meta="", quiet=False):
     """The one way to open a model: a checkpoint file, an out_dir, or (neither) the one train.py
-    wrote last -> OpenedModel. Says on stderr which checkpoint it opened unless quiet."""
+    wrote last -> OpenedModel, laid out for fast decoding on the CPU (runtime.decode_layout).
+    Says on stderr which checkpoint it opened unless quiet."""
     device = resolve_device(device)
     path = find_checkpoint(out_dir, ckpt)
     if not quiet:
         print(f"checkpoint: {path}", file=sys.stderr)
     checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, device).eval()
+    if device == "cpu":
+        decode_layout(model)
     tokenizer = tokenizer_from_checkpoint(checkpoint, meta)
     task = task_from_checkpoint(checkpoint, tokenizer, model.config.block_size)
     return OpenedModel(path, checkpoint, model, tokenizer, task, device)

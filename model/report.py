@@ -24,6 +24,9 @@ def summary_rows(opened, run):
                        f"process{'es' if run['processes'] > 1 else ''}"),
             ("iterations", f"{run['iter_num']} (stopped: {run['stopped']})"),
             ("wall time", f"{run['wall_s']:.1f} s of training")]
+    if run.get("peak_memory_mb"):
+        where = "GPU memory of tensors" if run["device"].startswith("cuda") else "resident memory of the process"
+        rows.append(("peak memory", f"{run['peak_memory_mb']:,.0f} MB ({where})"))
     for key, name in (("train_loss", "final train loss"), ("val_loss", "final val loss")):
         if run.get(key) is not None:
             rows.append((name, f"{run[key]:.4f}"))

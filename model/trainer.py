@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from model.checkpoint import model_args_of, record_latest, save_checkpoint, write_meta
 from model.report import write_report, write_run_summary
-from model.runtime import autocast_context, end_processes, reduce_across_ranks
+from model.runtime import autocast_context, end_processes, peak_memory_mb, reduce_across_ranks
 from model.schedule import get_lr
 from model.start import prepare_run
 
@@ -286,7 +286,8 @@ def finish(run, progress):
     if rt.master:
         write_run_summary(run.cfg.out_dir, {**summary, "device": rt.device, "processes": rt.world_size,
                                             "dtype": str(rt.dtype).replace("torch.", ""),
-                                            "loop_started_at": progress.start})
+                                            "loop_started_at": progress.start,
+                                            "peak_memory_mb": peak_memory_mb(rt.device_type)})
         summary["report"] = str(write_report(run.cfg.out_dir))
         print(f"stopped after {run.iter_num} iterations ({summary['stopped']}) in {summary['wall_s']:.1f}s; "
               f"checkpoint: {summary['checkpoint']}; report: {summary['report']}")

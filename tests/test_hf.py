@@ -208,6 +208,21 @@ def test_finetune_a_bert_vocabulary_model_grows_it_and_learns(folders, tmp_path,
     assert open_model(out_dir=tmp_path / "dropped", quiet=True).tokenizer.vocab_size == len(BERT_VOCAB)
 
 
+def test_the_gpt2_fine_tune_config_runs_on_a_gpt2_folder(folders, tmp_path, capsys):
+    """configs/finetune_gpt2.py as shipped, with a tiny GPT-2 folder standing in for the real one."""
+    (tmp_path / "my.txt").write_text(ENGLISH, encoding="utf-8")
+    with working_dir(tmp_path):
+        assert train_cli.main([str(ROOT / "configs" / "finetune_gpt2.py"), f"--init_from={folders['english']}",
+                               f"--data={tmp_path / 'my.txt'}", "--block_size=32", "--max_iters=4",
+                               f"--out_dir={tmp_path / 'ft'}"]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning" in out and "batch_size = 2" in out and "gradient_accumulation_steps = 4" in out
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if "tokens_per_s" in r] == [1, 2, 3, 4] and rows[0]["tokens_per_s"] > 0
+    report = (tmp_path / "ft" / "report.md").read_text(encoding="utf-8")
+    assert "| peak memory |" in report and "-token file tokenizer" in report
+
+
 # ---- refusals -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field,value,message", [

@@ -30,6 +30,7 @@ def test_sort_report(trained_sort):
     assert f"| device | {run['device']}, {run['dtype']}, 1 process |" in report, "device as the run used it"
     assert run["device"] in ("cpu", "cuda", "mps") and run["processes"] == 1
     assert f"| iterations | {summary['iter_num']} (stopped: heldout_acc 100%) |" in report
+    assert f"| peak memory | {run['peak_memory_mb']:,.0f} MB (" in report and 100 < run["peak_memory_mb"] < 20_000
     assert "| held-out exact match | 100.0% of 146 inputs |" in report
     assert "| training exact match | 100.0% of 583 inputs |" in report
     assert f"| final val loss | {summary['val_loss']:.4f} |" in report
