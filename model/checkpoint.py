@@ -111,6 +111,8 @@ def config_of(ckpt, **overrides):
     the extra fields in model_args). Invalid values raise UserError."""
     known = {f.name for f in fields(GPTConfig)} - set(RUNTIME_ARGS)
     args = {**ckpt["model_args"], **ckpt.get("model_extra", {})}
+    if "gelu" in args:  # checkpoints before the activation option named the GELU form
+        args.setdefault("activation", {"exact": "gelu", "tanh": "gelu_tanh"}.get(args.pop("gelu"), "?"))
     try:
         return GPTConfig(**{**{k: v for k, v in args.items() if k in known}, **overrides})
     except (TypeError, UserError) as e:

@@ -14,7 +14,8 @@ from model.errors import UserError
 from model.gpt import GPTConfig
 from model.runtime import DTYPES
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "gelu", "attention")  # TrainConfig -> GPTConfig
+MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "activation", "positions", "norm", "head",
+                "attention")  # TrainConfig -> GPTConfig
 TASK_NAMES = ("text", "sort")  # model/tasks.py holds what each one does
 
 
@@ -61,7 +62,10 @@ class TrainConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
-    gelu: str = "exact"  # 'exact' (erf) or 'tanh' (GPT-2's approximation)
+    activation: str = "gelu"  # 'gelu' (exact, erf), 'gelu_tanh' (GPT-2's approximation) or 'relu'
+    positions: str = "learned"  # 'learned' (GPT-2) or 'sinusoidal' (the original Transformer's fixed code)
+    norm: str = "pre"  # 'pre' (GPT-2: x + f(LN(x))) or 'post' (the original "Add & Norm": LN(x + f(x)))
+    head: str = "tied"  # 'tied' (the LM head is the token embedding matrix) or 'untied' (its own, as minGPT)
     attention: str = "sdpa"  # 'sdpa' (fused kernel) or 'explicit' (the maths written out)
     # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
     learning_rate: float = 1e-3

@@ -1,7 +1,11 @@
 """The GPT: a decoder-only Transformer in nanoGPT's layout.
 
-Read top to bottom: config, attention, MLP, block, then the GPT that stacks them.
+Read top to bottom: config, positions, attention, MLP, block, then the GPT that stacks them.
 Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = C // nh.
+
+The defaults are GPT-2's choices. Four options give the original Transformer's instead, one at
+a time, as the step-by-step explainers draw it: sinusoidal positions, post-LN ("Add & Norm"),
+a ReLU feed-forward; and minGPT's untied LM head.
 """
 
 import math
@@ -13,8 +17,13 @@ from torch.nn import functional as F
 
 from model.errors import UserError
 
-GELU_FORMS = ("exact", "tanh")  # exact: x * Phi(x) with erf; tanh: GPT-2's approximation
-ATTENTION_FORMS = ("sdpa", "explicit")  # fused kernel, or the maths written out
+CHOICES = {
+    "activation": ("gelu", "gelu_tanh", "relu"),  # GELU x Phi(x) with erf; GPT-2's tanh form of it; max(0, x)
+    "positions": ("learned", "sinusoidal"),  # an embedding learned per position (GPT-2); the fixed sin/cos code
+    "norm": ("pre", "post"),  # x + f(LN(x)) (GPT-2); LN(x + f(x)), the original "Add & Norm"
+    "head": ("tied", "untied"),  # the LM head reads with the token embedding matrix (GPT-2), or its own (minGPT)
+    "attention": ("sdpa", "explicit"),  # the fused kernel, or the maths written out (how, not what)
+}
 
 
 @dataclass
@@ -26,7 +35,10 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers
-    gelu: str = "exact"
+    activation: str = "gelu"
+    positions: str = "learned"
+    norm: str = "pre"
+    head: str = "tied"
     layer_norm_eps: float = 1e-5  # LN(x) = (x - mean) / sqrt(var + eps): GPT-2 folders say theirs
     attention: str = "sdpa"
 
@@ -45,10 +57,26 @@ class GPTConfig:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not 0 < self.layer_norm_eps < 1:
             raise UserError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps!r}")
-        if self.gelu not in GELU_FORMS:
-            raise UserError(f"gelu must be one of {GELU_FORMS}, got {self.gelu!r}")
-        if self.attention not in ATTENTION_FORMS:
-            raise UserError(f"attention must be one of {ATTENTION_FORMS}, got {self.attention!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+
+class SinusoidalPositions(nn.Module):
+    """The original Transformer's positional encoding: fixed, no parameters (nothing in the
+    state_dict). PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(pos / 10000^(2i/C))."""
+
+    def __init__(self, n_embd):
+        super().__init__()
+        self.n_embd = n_embd
+        # empty and not saved: it follows the model's dtype and device, so the code is computed in them
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)
+
+    def forward(self, pos):
+        """pos: (T,) positions -> (T, C)."""
+        i2 = torch.arange(0, self.n_embd, 2, dtype=self.anchor.dtype, device=pos.device)  # 2i
+        angle = pos.to(self.anchor.dtype)[:, None] / 10000 ** (i2 / self.n_embd)  # (T, C / 2)
+        return torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).flatten(1)[:, :self.n_embd]
 
 
 class KVCache:
@@ -125,34 +153,41 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
+ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
+
+
 class MLP(nn.Module):
-    """The feed-forward layer: C -> 4C, GELU, 4C -> C."""
+    """The feed-forward layer: C -> 4C, the activation (GELU or ReLU), 4C -> C."""
 
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
+        self.act = ACTIVATIONS[config.activation]()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm Transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    """A Transformer block. Pre-LN (GPT-2): x + attn(LN(x)), then x + mlp(LN(x)). Post-LN (the
+    original Transformer's "Add & Norm"): LN(x + attn(x)), then LN(x + mlp(x))."""
 
     def __init__(self, config):
         super().__init__()
+        self.post = config.norm == "post"
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, layer=0):
+        if self.post:
+            x = self.ln_1(x + self.attn(x, kv_cache, layer))
+            return self.ln_2(x + self.mlp(x))
         x = x + self.attn(self.ln_1(x), kv_cache, layer)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -160,16 +195,18 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        learned = config.positions == "learned"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd) if learned else SinusoidalPositions(config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
         ))
+        if config.norm == "pre":  # post-LN blocks end normalised already: no final LayerNorm
+            self.transformer.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the LM head reads the vocabulary with the token embedding matrix
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.head == "tied":  # the LM head reads the vocabulary with the token embedding matrix
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down so the residual stream's variance stays put
         for name, p in self.named_parameters():
@@ -185,11 +222,11 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=False):
-        """Parameters counted once (the tied LM head is the token embedding). With
-        non_embedding=True the position embedding is left out, as nanoGPT reports."""
+        """Parameters counted once (a tied LM head is the token embedding). With
+        non_embedding=True the learned position embedding is left out, as nanoGPT reports."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            n -= sum(p.numel() for p in self.transformer.wpe.parameters())
         return n
 
     def forward(self, idx, targets=None, kv_cache=None):
@@ -207,7 +244,8 @@ class GPT(nn.Module):
             x = block(x, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.length += T
-        x = self.transformer.ln_f(x)
+        if self.config.norm == "pre":
+            x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:

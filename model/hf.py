@@ -16,7 +16,7 @@ from model.errors import UserError
 from model.tokenizer import HFTokenizer, hf, load_tokenizer_files
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "exact"}  # HF name -> our gelu
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}  # HF -> ours
 # config.json fields whose other values GPT-2 computes differently from us: (field, the value we compute)
 SAME_AS_OURS = (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                 ("reorder_and_upcast_attn", False), ("add_cross_attention", False), ("tie_word_embeddings", True))
@@ -52,7 +52,8 @@ def config_from_hf(folder):
         if hf.get(field, ours) != ours:
             raise refuse(field, f"differs from {ours}, what is computed here")
     return dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
-                vocab_size=hf["vocab_size"], bias=True, dropout=0.0, gelu=ACTIVATIONS[hf.get("activation_function", "gelu_new")],
+                vocab_size=hf["vocab_size"], bias=True, dropout=0.0,
+                activation=ACTIVATIONS[hf.get("activation_function", "gelu_new")],
                 layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
 
 
@@ -75,7 +76,7 @@ def weights_from_hf(folder):
 def read_folder(folder):
     """A GPT-2 folder as a checkpoint of ours (no optimizer state: it can be fine-tuned, not resumed)."""
     args = config_from_hf(folder)
-    extra = {k: args.pop(k) for k in ("gelu", "layer_norm_eps")}
+    extra = {k: args.pop(k) for k in ("activation", "layer_norm_eps")}
     return {"model": weights_from_hf(folder), "model_args": args, "model_extra": extra,
             "tokenizer": load_tokenizer_files(folder).to_dict(), "task": {"type": "text"},
             "iter_num": 0, "best_val_loss": float("inf"), "config": {"source": str(Path(folder).resolve())}}
@@ -88,7 +89,7 @@ def hf_config(config, tokenizer):
     out = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
            "n_positions": config.block_size, "n_embd": config.n_embd, "n_layer": config.n_layer,
            "n_head": config.n_head, "n_inner": None,
-           "activation_function": "gelu_new" if config.gelu == "tanh" else "gelu",
+           "activation_function": {"gelu_tanh": "gelu_new"}.get(config.activation, config.activation),
            "layer_norm_epsilon": config.layer_norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
            "scale_attn_weights": True, "tie_word_embeddings": True}
     end = getattr(tokenizer, "tok", None) and tokenizer.tok.token_to_id("<|endoftext|>")
@@ -120,7 +121,13 @@ def char_tokenizer_json(tokenizer):
 
 def write_folder(model, tokenizer, dest):
     """Write DEST as a GPT-2 folder: model.safetensors, config.json, tokenizer.json and
-    tokenizer_config.json, which transformers' GPT2LMHeadModel and AutoTokenizer load."""
+    tokenizer_config.json, which transformers' GPT2LMHeadModel and AutoTokenizer load. A model
+    GPT-2 cannot express (sinusoidal positions, post-LN, an untied head) is refused."""
+    gpt2 = {"positions": "learned", "norm": "pre", "head": "tied"}
+    for field, value in gpt2.items():
+        if getattr(model.config, field) != value:
+            raise UserError(f"a GPT-2 folder cannot hold {field}={getattr(model.config, field)!r} (GPT-2 has "
+                            f"{field}={value!r}); keep this model in our format (--to=ours)")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     exported = char_tokenizer_json(tokenizer) if tokenizer.kind == "char" else tokenizer

@@ -42,6 +42,13 @@ def embed_positions_backward(dx, block_size):
     return dwpe
 
 
+def sinusoidal_positions(T, C):
+    """The original Transformer's fixed positional encoding, no parameters. (T, C):
+    PE[pos, 2i] = sin(pos / 10000^(2i/C)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/C))."""
+    angle = np.arange(T)[:, None] / 10000.0 ** (np.arange(0, C, 2) / C)  # (T, C / 2)
+    return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(T, -1)[:, :C]
+
+
 # ---- layer norm ---------------------------------------------------------------------------
 
 def layer_norm(x, w, b, eps=1e-5):
@@ -160,6 +167,25 @@ def gelu_backward(dy, x, form="exact"):
     return dy * (cdf + x * pdf)
 
 
+def relu(x):
+    """The original Transformer's feed-forward activation: max(0, x)."""
+    return np.maximum(x, 0.0)
+
+
+def relu_backward(dy, x):
+    """d/dx max(0, x) = 1 where x > 0, else 0."""
+    return dy * (x > 0)
+
+
+def activation(x, name):
+    """The feed-forward activation by its config name: 'gelu', 'gelu_tanh' or 'relu'."""
+    return relu(x) if name == "relu" else gelu(x, "tanh" if name == "gelu_tanh" else "exact")
+
+
+def activation_backward(dy, x, name):
+    return relu_backward(dy, x) if name == "relu" else gelu_backward(dy, x, "tanh" if name == "gelu_tanh" else "exact")
+
+
 # ---- loss ---------------------------------------------------------------------------------
 
 def cross_entropy(logits, targets):
@@ -182,48 +208,112 @@ def cross_entropy_backward(logits, targets):
 
 # ---- the whole model ----------------------------------------------------------------------
 
+def attention_forward(x, P, h, n_head, a):
+    """Causal self-attention of one block on x (B, T, C), its intermediates stored in `a`."""
+    a["qkv"] = linear(x, P(h + "attn.c_attn.weight"), P(h + "attn.c_attn.bias"))
+    q, k, v = split_qkv(a["qkv"])
+    a["q"], a["k"], a["v"] = (split_heads(t, n_head) for t in (q, k, v))
+    a["scores"] = attention_scores(a["q"], a["k"])
+    a["masked"] = causal_mask(a["scores"])
+    a["att"] = softmax(a["masked"])
+    a["y_heads"] = attend(a["att"], a["v"])
+    a["y"] = merge_heads(a["y_heads"])
+    return linear(a["y"], P(h + "attn.c_proj.weight"), P(h + "attn.c_proj.bias"))
+
+
+def block_forward(x, P, h, config):
+    """One block. Pre-LN: x + attn(LN1(x)), then + mlp(LN2(.)). Post-LN ("Add & Norm"):
+    LN1(x + attn(x)), then LN2(. + mlp(.)). Returns the output and the intermediates."""
+    eps, post = config.layer_norm_eps, config.norm == "post"
+    a = {"x_in": x}
+    norm = lambda name, t: layer_norm(t, P(h + name + ".weight"), P(h + name + ".bias"), eps)  # noqa: E731
+    a["attn_in"] = x if post else norm("ln_1", x)
+    a["attn_out"] = attention_forward(a["attn_in"], P, h, config.n_head, a)
+    a["sum_1"] = x + a["attn_out"]  # residual add
+    a["x_mid"] = norm("ln_1", a["sum_1"]) if post else a["sum_1"]
+    a["mlp_in"] = a["x_mid"] if post else norm("ln_2", a["x_mid"])
+    a["ln_1"], a["ln_2"] = (a["x_mid"], None) if post else (a["attn_in"], a["mlp_in"])
+    a["fc"] = linear(a["mlp_in"], P(h + "mlp.c_fc.weight"), P(h + "mlp.c_fc.bias"))
+    a["act"] = activation(a["fc"], config.activation)
+    a["mlp_out"] = linear(a["act"], P(h + "mlp.c_proj.weight"), P(h + "mlp.c_proj.bias"))
+    a["sum_2"] = a["x_mid"] + a["mlp_out"]  # residual add
+    a["x_out"] = norm("ln_2", a["sum_2"]) if post else a["sum_2"]
+    if post:
+        a["ln_2"] = a["x_out"]
+    return a["x_out"], a
+
+
 def forward(params, config, idx, targets=None):
     """The GPT forward pass. idx, targets: (B, T) int arrays. Returns logits (B, T, V), the loss
     (None without targets) and `acts`, every intermediate by name, for backward() and for
-    anyone who wants to look inside. `config` needs n_layer, n_head, gelu and layer_norm_eps;
-    bias-free parameters are simply absent from `params`."""
+    anyone who wants to look inside. `config` is a GPTConfig; bias-free parameters are simply
+    absent from `params`, and so is a tied LM head (it is transformer.wte.weight)."""
     B, T = idx.shape
     P = lambda name: params.get(name)  # noqa: E731  (a missing bias is None)
-    eps = config.layer_norm_eps
     acts = {"idx": idx}
     acts["tok_emb"] = embed_tokens(idx, P("transformer.wte.weight"))
-    acts["pos_emb"] = embed_positions(T, P("transformer.wpe.weight"))
+    if config.positions == "sinusoidal":
+        acts["pos_emb"] = sinusoidal_positions(T, config.n_embd)
+    else:
+        acts["pos_emb"] = embed_positions(T, P("transformer.wpe.weight"))
     acts["x0"] = x = acts["tok_emb"] + acts["pos_emb"]
     for i in range(config.n_layer):
-        h = f"transformer.h.{i}."
-        a = {"x_in": x}
-        a["ln_1"] = layer_norm(x, P(h + "ln_1.weight"), P(h + "ln_1.bias"), eps)
-        a["qkv"] = linear(a["ln_1"], P(h + "attn.c_attn.weight"), P(h + "attn.c_attn.bias"))
-        q, k, v = split_qkv(a["qkv"])
-        a["q"], a["k"], a["v"] = (split_heads(t, config.n_head) for t in (q, k, v))
-        a["scores"] = attention_scores(a["q"], a["k"])
-        a["masked"] = causal_mask(a["scores"])
-        a["att"] = softmax(a["masked"])
-        a["y_heads"] = attend(a["att"], a["v"])
-        a["y"] = merge_heads(a["y_heads"])
-        a["attn_out"] = linear(a["y"], P(h + "attn.c_proj.weight"), P(h + "attn.c_proj.bias"))
-        a["x_mid"] = x = x + a["attn_out"]  # residual add
-        a["ln_2"] = layer_norm(x, P(h + "ln_2.weight"), P(h + "ln_2.bias"), eps)
-        a["fc"] = linear(a["ln_2"], P(h + "mlp.c_fc.weight"), P(h + "mlp.c_fc.bias"))
-        a["gelu"] = gelu(a["fc"], config.gelu)
-        a["mlp_out"] = linear(a["gelu"], P(h + "mlp.c_proj.weight"), P(h + "mlp.c_proj.bias"))
-        a["x_out"] = x = x + a["mlp_out"]  # residual add
-        acts[f"layer{i}"] = a
-    acts["ln_f"] = layer_norm(x, P("transformer.ln_f.weight"), P("transformer.ln_f.bias"), eps)
-    logits = acts["ln_f"] @ P("transformer.wte.weight").T  # LM head tied to the token embedding
-    acts["logits"] = logits
+        x, acts[f"layer{i}"] = block_forward(x, P, f"transformer.h.{i}.", config)
+    if config.norm == "pre":
+        x = acts["ln_f"] = layer_norm(x, P("transformer.ln_f.weight"), P("transformer.ln_f.bias"), config.layer_norm_eps)
+    acts["final"] = x
+    acts["logits"] = logits = x @ head_weight(params).T  # the LM head
     loss = cross_entropy(logits, targets) if targets is not None else None
     return logits, loss, acts
 
 
+def head_weight(params):
+    """The LM head: its own matrix when untied, else the token embedding's."""
+    return params.get("lm_head.weight", params["transformer.wte.weight"])
+
+
+def attention_backward(dout, a, P, h, n_head, put):
+    """Gradients through one block's attention; returns d(attention input)."""
+    dy, dW, db = linear_backward(dout, a["y"], P(h + "attn.c_proj.weight"))
+    put(h + "attn.c_proj.weight", dW)
+    put(h + "attn.c_proj.bias", db)
+    datt, dv = attend_backward(split_heads(dy, n_head), a["att"], a["v"])
+    dscores = softmax_backward(datt, a["att"])  # the mask's -inf entries pass no gradient
+    dq, dk = attention_scores_backward(dscores, a["q"], a["k"])
+    dqkv = np.concatenate([merge_heads(t) for t in (dq, dk, dv)], axis=-1)
+    dx, dW, db = linear_backward(dqkv, a["attn_in"], P(h + "attn.c_attn.weight"))
+    put(h + "attn.c_attn.weight", dW)
+    put(h + "attn.c_attn.bias", db)
+    return dx
+
+
+def block_backward(dx, a, P, h, config, put):
+    """Gradients through one block (block_forward's steps in reverse); returns d(block input)."""
+    eps, post = config.layer_norm_eps, config.norm == "post"
+
+    def norm_backward(name, dy, x):
+        d, dw, db = layer_norm_backward(dy, x, P(h + name + ".weight"), eps)
+        put(h + name + ".weight", dw)
+        put(h + name + ".bias", db)
+        return d
+
+    dsum2 = norm_backward("ln_2", dx, a["sum_2"]) if post else dx
+    dact, dW, db = linear_backward(dsum2, a["act"], P(h + "mlp.c_proj.weight"))
+    put(h + "mlp.c_proj.weight", dW)
+    put(h + "mlp.c_proj.bias", db)
+    dfc = activation_backward(dact, a["fc"], config.activation)
+    dmlp_in, dW, db = linear_backward(dfc, a["mlp_in"], P(h + "mlp.c_fc.weight"))
+    put(h + "mlp.c_fc.weight", dW)
+    put(h + "mlp.c_fc.bias", db)
+    dx_mid = dsum2 + (dmlp_in if post else norm_backward("ln_2", dmlp_in, a["x_mid"]))  # the residual passes dsum2
+    dsum1 = norm_backward("ln_1", dx_mid, a["sum_1"]) if post else dx_mid
+    dattn_in = attention_backward(dsum1, a, P, h, config.n_head, put)
+    return dsum1 + (dattn_in if post else norm_backward("ln_1", dattn_in, a["x_in"]))
+
+
 def backward(params, config, acts, targets):
-    """Gradients of the mean cross-entropy with respect to every parameter, by name (the
-    tied LM head's gradient is added into transformer.wte.weight, as autograd does)."""
+    """Gradients of the mean cross-entropy with respect to every parameter, by name (a tied LM
+    head's gradient is added into transformer.wte.weight, as autograd does)."""
     P = lambda name: params.get(name)  # noqa: E731
     grads = {}
 
@@ -231,49 +321,21 @@ def backward(params, config, acts, targets):
         if name in params:
             grads[name] = grads.get(name, 0.0) + g
 
-    idx = acts["idx"]
     dlogits = cross_entropy_backward(acts["logits"], targets)
-    wte = P("transformer.wte.weight")
-    put("transformer.wte.weight", dlogits.reshape(-1, wte.shape[0]).T @ acts["ln_f"].reshape(-1, wte.shape[1]))
-    dln_f = dlogits @ wte
-    x_last = acts[f"layer{config.n_layer - 1}"]["x_out"] if config.n_layer else acts["x0"]
-    eps = config.layer_norm_eps
-    dx, dw, db = layer_norm_backward(dln_f, x_last, P("transformer.ln_f.weight"), eps)
-    put("transformer.ln_f.weight", dw)
-    put("transformer.ln_f.bias", db)
+    head = "lm_head.weight" if "lm_head.weight" in params else "transformer.wte.weight"
+    W = head_weight(params)
+    put(head, dlogits.reshape(-1, W.shape[0]).T @ acts["final"].reshape(-1, W.shape[1]))
+    dx = dlogits @ W
+    if config.norm == "pre":
+        x_last = acts[f"layer{config.n_layer - 1}"]["x_out"] if config.n_layer else acts["x0"]
+        dx, dw, db = layer_norm_backward(dx, x_last, P("transformer.ln_f.weight"), config.layer_norm_eps)
+        put("transformer.ln_f.weight", dw)
+        put("transformer.ln_f.bias", db)
     for i in reversed(range(config.n_layer)):
-        h = f"transformer.h.{i}."
-        a = acts[f"layer{i}"]
-        # x_out = x_mid + mlp(ln_2(x_mid)): the residual passes dx through unchanged
-        dgelu, dW, db = linear_backward(dx, a["gelu"], P(h + "mlp.c_proj.weight"))
-        put(h + "mlp.c_proj.weight", dW)
-        put(h + "mlp.c_proj.bias", db)
-        dfc = gelu_backward(dgelu, a["fc"], config.gelu)
-        dln_2, dW, db = linear_backward(dfc, a["ln_2"], P(h + "mlp.c_fc.weight"))
-        put(h + "mlp.c_fc.weight", dW)
-        put(h + "mlp.c_fc.bias", db)
-        dx_norm, dw, db = layer_norm_backward(dln_2, a["x_mid"], P(h + "ln_2.weight"), eps)
-        put(h + "ln_2.weight", dw)
-        put(h + "ln_2.bias", db)
-        dx = dx + dx_norm
-        # x_mid = x_in + attn(ln_1(x_in))
-        dy, dW, db = linear_backward(dx, a["y"], P(h + "attn.c_proj.weight"))
-        put(h + "attn.c_proj.weight", dW)
-        put(h + "attn.c_proj.bias", db)
-        dy_heads = split_heads(dy, config.n_head)
-        datt, dv = attend_backward(dy_heads, a["att"], a["v"])
-        dscores = softmax_backward(datt, a["att"])  # the mask's -inf entries pass no gradient
-        dq, dk = attention_scores_backward(dscores, a["q"], a["k"])
-        dqkv = np.concatenate([merge_heads(t) for t in (dq, dk, dv)], axis=-1)
-        dln_1, dW, db = linear_backward(dqkv, a["ln_1"], P(h + "attn.c_attn.weight"))
-        put(h + "attn.c_attn.weight", dW)
-        put(h + "attn.c_attn.bias", db)
-        dx_norm, dw, db = layer_norm_backward(dln_1, a["x_in"], P(h + "ln_1.weight"), eps)
-        put(h + "ln_1.weight", dw)
-        put(h + "ln_1.bias", db)
-        dx = dx + dx_norm
-    put("transformer.wte.weight", embed_tokens_backward(dx, idx, wte.shape[0]))
-    put("transformer.wpe.weight", embed_positions_backward(dx, P("transformer.wpe.weight").shape[0]))
+        dx = block_backward(dx, acts[f"layer{i}"], P, f"transformer.h.{i}.", config, put)
+    put("transformer.wte.weight", embed_tokens_backward(dx, acts["idx"], P("transformer.wte.weight").shape[0]))
+    if "transformer.wpe.weight" in params:
+        put("transformer.wpe.weight", embed_positions_backward(dx, P("transformer.wpe.weight").shape[0]))
     return grads
 
 
@@ -310,6 +372,10 @@ def adamw_step(params, grads, state, lr, weight_decay, beta1, beta2, eps=1e-8):
 
 
 def params_from_state_dict(state_dict):
-    """The model's state_dict (torch tensors) as float64 NumPy arrays. The tied lm_head.weight is left out:
-    the reference reads the LM head from transformer.wte.weight, so there is one copy to train."""
-    return {k: v.detach().cpu().double().numpy().copy() for k, v in state_dict.items() if k != "lm_head.weight"}
+    """The model's state_dict (torch tensors) as float64 NumPy arrays. A tied lm_head.weight (the
+    same tensor as transformer.wte.weight) is left out: the reference reads the LM head from
+    transformer.wte.weight then, so there is one copy to train."""
+    wte = state_dict["transformer.wte.weight"]
+    tied = "lm_head.weight" in state_dict and state_dict["lm_head.weight"].data_ptr() == wte.data_ptr()
+    return {k: v.detach().cpu().double().numpy().copy() for k, v in state_dict.items()
+            if not (tied and k == "lm_head.weight")}

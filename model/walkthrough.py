@@ -64,70 +64,101 @@ def temperatures(temperature):
     return sorted(set(TEMPERATURES) | {temperature})
 
 
+ACTIVATION_STEPS = {  # config name -> (the step's name, its formula)
+    "gelu": ("GELU", "GELU(h) = h * Phi(h)  (Phi: the normal distribution's CDF)"),
+    "gelu_tanh": ("GELU", "GELU(h) = 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))"),
+    "relu": ("ReLU", "ReLU(h) = max(0, h)"),
+}
+
+
 def walk(params, config, ids, tokens, vocab, layers, heads, temperature):
-    """The list of Steps for the input ids (T,) with their text tokens. `vocab` labels the logit
-    columns; `layers` and `heads` pick what to show (everything is computed)."""
-    C, nh = config.n_embd, config.n_head
-    hs = C // nh
+    """The list of Steps for the input ids (T,) with their text tokens, in the explainers' order
+    for the model's architecture. `vocab` labels the logit columns; `layers` and `heads` pick
+    what to show (everything is computed)."""
     _, _, acts = ref.forward(params, config, np.array([ids]))
-    rows, chan = token_labels(tokens), [f"c{j}" for j in range(C)]
-    vocab_labels = [visible(t) for t in vocab]
-    steps = [
-        Step("token embedding", "X_tok[t] = W_te[id_t]  (row id_t of the V x C embedding matrix)",
-             "T x C", acts["tok_emb"][0], rows, chan, "tok_emb"),
-        Step("position embedding", "X_pos[t] = W_pe[t]  (row t of the block_size x C matrix)",
-             "T x C", acts["pos_emb"], rows, chan, "pos_emb"),
-        Step("embeddings summed: the input to block 0", "x = X_tok + X_pos", "T x C", acts["x0"][0], rows, chan, "x0"),
-    ]
+    rows, chan = token_labels(tokens), [f"c{j}" for j in range(config.n_embd)]
+    steps = embedding_steps(acts, config, rows, chan)
     for i in layers:
-        a, b = acts[f"layer{i}"], f"block {i}"
-        steps.append(Step(f"{b}: LayerNorm 1", f"LN(x) = (x - mean(x)) / sqrt(var(x) + {config.layer_norm_eps:g}) "
-                          "* gamma + beta, each row", "T x C", a["ln_1"][0], rows, chan, f"layer{i}.ln_1"))
-        for h in heads:
-            span = f"channels {h * hs}..{h * hs + hs - 1} of"
-            q, k, v = a["q"][0, h], a["k"][0, h], a["v"][0, h]
-            hd = [f"c{j}" for j in range(hs)]
-            p = f"{b}, head {h}"
-            steps += [
-                Step(f"{p}: queries", f"Q = {span} LN(x) W_q^T + b_q", "T x hs", q, rows, hd, f"layer{i}.head{h}.q"),
-                Step(f"{p}: keys", f"K = {span} LN(x) W_k^T + b_k", "T x hs", k, rows, hd, f"layer{i}.head{h}.k"),
-                Step(f"{p}: values", f"V = {span} LN(x) W_v^T + b_v", "T x hs", v, rows, hd, f"layer{i}.head{h}.v"),
-                Step(f"{p}: scores", "Q K^T  (row: the query's token, column: the key's)", "T x T",
-                     q @ k.T, rows, rows, f"layer{i}.head{h}.qk"),
-                Step(f"{p}: scaled scores", f"Q K^T / sqrt(hs) = Q K^T / {math.sqrt(hs):.4g}", "T x T",
-                     a["scores"][0, h], rows, rows, f"layer{i}.head{h}.scores"),
-                Step(f"{p}: causal mask", "-inf where the key comes after the query: no looking ahead",
-                     "T x T", a["masked"][0, h], rows, rows, f"layer{i}.head{h}.masked"),
-                Step(f"{p}: attention weights", "softmax of each row (each row sums to 1)", "T x T",
-                     a["att"][0, h], rows, rows, f"layer{i}.head{h}.att"),
-                Step(f"{p}: weighted values", "attention weights x V", "T x hs", a["y_heads"][0, h], rows, hd,
-                     f"layer{i}.head{h}.y"),
-            ]
-        steps += [
-            Step(f"{b}: heads joined", f"[head 0 | ... | head {nh - 1}], side by side", "T x C", a["y"][0], rows,
-                 chan, f"layer{i}.y"),
-            Step(f"{b}: attention output", "joined heads W_o^T + b_o  (c_proj)", "T x C", a["attn_out"][0], rows,
-                 chan, f"layer{i}.attn_out"),
-            Step(f"{b}: add (residual)", "x = x + attention output", "T x C", a["x_mid"][0], rows, chan,
-                 f"layer{i}.x_mid"),
-            Step(f"{b}: LayerNorm 2", "LN(x), as LayerNorm 1 with its own gamma, beta", "T x C", a["ln_2"][0], rows,
-                 chan, f"layer{i}.ln_2"),
-            Step(f"{b}: feed-forward, first layer", "h = LN(x) W_1^T + b_1  (C -> 4C)", "T x 4C", a["fc"][0], rows,
-                 [f"c{j}" for j in range(4 * C)], f"layer{i}.fc"),
-            Step(f"{b}: GELU", "GELU(h) = h * Phi(h)" if config.gelu == "exact" else
-                 "GELU(h) = 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))", "T x 4C", a["gelu"][0], rows,
-                 [f"c{j}" for j in range(4 * C)], f"layer{i}.gelu"),
-            Step(f"{b}: feed-forward, second layer", "GELU(h) W_2^T + b_2  (4C -> C)", "T x C", a["mlp_out"][0],
-                 rows, chan, f"layer{i}.mlp_out"),
-            Step(f"{b}: add (residual): the block's output", "x = x + feed-forward output", "T x C",
-                 a["x_out"][0], rows, chan, f"layer{i}.x_out"),
-        ]
-    logits = acts["logits"][0]
-    steps += [
-        Step("final LayerNorm", "LN_f(x)", "T x C", acts["ln_f"][0], rows, chan, "ln_f"),
-        Step("logits", "LN_f(x) W_te^T  (the LM head is the token embedding matrix, shared)", "T x V",
-             logits, rows, vocab_labels, "logits"),
+        steps += block_steps(acts[f"layer{i}"], i, config, heads, rows, chan)
+    return steps + output_steps(acts, config, [visible(t) for t in vocab], rows, chan, temperature)
+
+
+def embedding_steps(acts, config, rows, chan):
+    if config.positions == "sinusoidal":
+        pos = Step("positional encoding", "PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(pos / "
+                   "10000^(2i/C))  (fixed, nothing learned)", "T x C", acts["pos_emb"], rows, chan, "pos_emb")
+    else:
+        pos = Step("position embedding", "X_pos[t] = W_pe[t]  (row t of the block_size x C matrix)",
+                   "T x C", acts["pos_emb"], rows, chan, "pos_emb")
+    return [Step("token embedding", "X_tok[t] = W_te[id_t]  (row id_t of the V x C embedding matrix)",
+                 "T x C", acts["tok_emb"][0], rows, chan, "tok_emb"), pos,
+            Step("embeddings summed: the input to block 0", "x = X_tok + X_pos", "T x C", acts["x0"][0], rows, chan,
+                 "x0")]
+
+
+def head_steps(a, i, h, hs, rows, source):
+    """Q, K, V, the scores, scaling, mask, softmax and weighted values of one head."""
+    span = f"channels {h * hs}..{h * hs + hs - 1} of"
+    q, k, v = a["q"][0, h], a["k"][0, h], a["v"][0, h]
+    hd, p, key = [f"c{j}" for j in range(hs)], f"block {i}, head {h}", f"layer{i}.head{h}"
+    return [
+        Step(f"{p}: queries", f"Q = {span} {source} W_q^T + b_q", "T x hs", q, rows, hd, f"{key}.q"),
+        Step(f"{p}: keys", f"K = {span} {source} W_k^T + b_k", "T x hs", k, rows, hd, f"{key}.k"),
+        Step(f"{p}: values", f"V = {span} {source} W_v^T + b_v", "T x hs", v, rows, hd, f"{key}.v"),
+        Step(f"{p}: scores", "Q K^T  (row: the query's token, column: the key's)", "T x T", q @ k.T, rows, rows,
+             f"{key}.qk"),
+        Step(f"{p}: scaled scores", f"Q K^T / sqrt(hs) = Q K^T / {math.sqrt(hs):.4g}", "T x T", a["scores"][0, h],
+             rows, rows, f"{key}.scores"),
+        Step(f"{p}: causal mask", "-inf where the key comes after the query: no looking ahead", "T x T",
+             a["masked"][0, h], rows, rows, f"{key}.masked"),
+        Step(f"{p}: attention weights", "softmax of each row (each row sums to 1)", "T x T", a["att"][0, h], rows,
+             rows, f"{key}.att"),
+        Step(f"{p}: weighted values", "attention weights x V", "T x hs", a["y_heads"][0, h], rows, hd, f"{key}.y"),
     ]
+
+
+def block_steps(a, i, config, heads, rows, chan):
+    """One block's steps. Pre-LN: LN, attention, add, LN, feed-forward, add. Post-LN (the
+    explainers' order): attention, add & norm, feed-forward, add & norm."""
+    post, b, key = config.norm == "post", f"block {i}", f"layer{i}"
+    eps, wide = f"{config.layer_norm_eps:g}", [f"c{j}" for j in range(4 * config.n_embd)]
+    act, act_formula = ACTIVATION_STEPS[config.activation]
+    ln = f"LN(x) = (x - mean(x)) / sqrt(var(x) + {eps}) * gamma + beta, each row"
+    titles = ([f"{b}: add & norm: LayerNorm 1", f"{b}: add & norm: LayerNorm 2: the block's output",
+               f"{b}: add (residual)"] if post else
+              [f"{b}: LayerNorm 1", f"{b}: LayerNorm 2", f"{b}: add (residual): the block's output"])
+    norm_1 = Step(titles[0], ln, "T x C", a["ln_1"][0], rows, chan, f"{key}.ln_1")
+    norm_2 = Step(titles[1], "LN(x), as LayerNorm 1 with its own gamma, beta", "T x C", a["ln_2"][0], rows, chan,
+                  f"{key}.ln_2")
+    add_1 = Step(f"{b}: add (residual)", "x + attention output", "T x C", a["sum_1"][0], rows, chan, f"{key}.sum_1")
+    add_2 = Step(titles[2], "x + feed-forward output", "T x C", a["sum_2"][0], rows, chan, f"{key}.sum_2")
+    source = "x" if post else "LN(x)"
+    steps = [] if post else [norm_1]
+    for h in heads:
+        steps += head_steps(a, i, h, config.n_embd // config.n_head, rows, source)
+    steps += [Step(f"{b}: heads joined", f"[head 0 | ... | head {config.n_head - 1}], side by side", "T x C",
+                   a["y"][0], rows, chan, f"{key}.y"),
+              Step(f"{b}: attention output", "joined heads W_o^T + b_o  (c_proj)", "T x C", a["attn_out"][0], rows,
+                   chan, f"{key}.attn_out")]
+    steps += [add_1, norm_1] if post else [add_1, norm_2]
+    steps += [Step(f"{b}: feed-forward, first layer", f"h = {source} W_1^T + b_1  (C -> 4C)", "T x 4C", a["fc"][0],
+                   rows, wide, f"{key}.fc"),
+              Step(f"{b}: {act}", act_formula, "T x 4C", a["act"][0], rows, wide, f"{key}.act"),
+              Step(f"{b}: feed-forward, second layer", f"{act}(h) W_2^T + b_2  (4C -> C)", "T x C", a["mlp_out"][0],
+                   rows, chan, f"{key}.mlp_out")]
+    return steps + ([add_2, norm_2] if post else [add_2])
+
+
+def output_steps(acts, config, vocab_labels, rows, chan, temperature):
+    """The final LayerNorm (pre-LN models), the logits, and the next token's probabilities."""
+    logits, steps = acts["logits"][0], []
+    x = "x"
+    if config.norm == "pre":
+        steps.append(Step("final LayerNorm", "LN_f(x)", "T x C", acts["ln_f"][0], rows, chan, "ln_f"))
+        x = "LN_f(x)"
+    head = ("W_te^T  (the LM head is the token embedding matrix, shared)" if config.head == "tied" else
+            "W_head^T  (the LM head: its own V x C matrix)")
+    steps.append(Step("logits", f"{x} {head}", "T x V", logits, rows, vocab_labels, "logits"))
     temps = temperatures(temperature)
     probs = np.stack([ref.softmax(logits[-1] / t) for t in temps])
     order = np.argsort(-probs[temps.index(temperature)], kind="stable")  # most likely first at `temperature`
@@ -147,16 +178,18 @@ def torch_values(model, ids, temps):
     out = lambda key: lambda mod, inp, o: found.__setitem__(key, o[0])  # noqa: E731
     into = lambda key: lambda mod, inp: found.__setitem__(key, inp[0][0])  # noqa: E731
     tr = model.transformer
-    for name, mod in (("tok_emb", tr.wte), ("x0", tr.drop), ("ln_f", tr.ln_f), ("logits", model.lm_head)):
+    named = [("tok_emb", tr.wte), ("x0", tr.drop), ("logits", model.lm_head)] + (
+        [("ln_f", tr.ln_f)] if "ln_f" in tr else [])
+    for name, mod in named:
         handles.append(mod.register_forward_hook(out(name)))
     handles.append(tr.wpe.register_forward_hook(lambda mod, inp, o: found.__setitem__("pos_emb", o)))
     for i, block in enumerate(tr.h):
         for key, mod in (("ln_1", block.ln_1), ("qkv", block.attn.c_attn), ("attn_out", block.attn.c_proj),
-                         ("ln_2", block.ln_2), ("fc", block.mlp.c_fc), ("gelu", block.mlp.gelu),
+                         ("ln_2", block.ln_2), ("fc", block.mlp.c_fc), ("act", block.mlp.act),
                          ("mlp_out", block.mlp.c_proj), ("x_out", block)):
             handles.append(mod.register_forward_hook(out(f"layer{i}.{key}")))
-        handles.append(block.attn.c_proj.register_forward_pre_hook(into(f"layer{i}.y")))
-        handles.append(block.ln_2.register_forward_pre_hook(into(f"layer{i}.x_mid")))
+        for key, mod in (("y", block.attn.c_proj), ("ln_1_in", block.ln_1), ("ln_2_in", block.ln_2)):
+            handles.append(mod.register_forward_pre_hook(into(f"layer{i}.{key}")))
     try:
         model(torch.tensor([ids]))
     finally:
@@ -165,7 +198,12 @@ def torch_values(model, ids, temps):
     nh, C = model.config.n_head, model.config.n_embd
     hs, T = C // nh, len(ids)
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    post = model.config.norm == "post"
     for i in range(model.config.n_layer):
+        # the residual sums are the inputs of the LayerNorms (post-LN), or of LN 2 and the block's output (pre-LN)
+        found[f"layer{i}.sum_1"] = found.pop(f"layer{i}.ln_1_in") if post else found.pop(f"layer{i}.ln_2_in")
+        found[f"layer{i}.sum_2"] = found.pop(f"layer{i}.ln_2_in") if post else found[f"layer{i}.x_out"]
+        found.pop(f"layer{i}.ln_1_in", None)
         q, k, v = found.pop(f"layer{i}.qkv").split(C, dim=-1)
         for h in range(nh):
             qh, kh, vh = (t[:, h * hs:(h + 1) * hs] for t in (q, k, v))

@@ -12,6 +12,9 @@ sys.path.insert(0, str(ROOT))
 from model.gpt import GPT, GPTConfig  # noqa: E402
 
 SORT_MODEL = dict(n_layer=3, n_head=3, n_embd=48, vocab_size=3, block_size=11, bias=True)
+# the original Transformer's choices as the explainers draw them, and minGPT's
+EXPLAINER_ARCH = dict(positions="sinusoidal", norm="post", activation="relu")
+MINGPT_ARCH = dict(head="untied", activation="gelu_tanh")
 
 
 def random_model(seed=0, dtype=torch.float64, **kw):

@@ -227,7 +227,7 @@ def test_the_gpt2_fine_tune_config_runs_on_a_gpt2_folder(folders, tmp_path, caps
 
 @pytest.mark.parametrize("field,value,message", [
     ("model_type", "llama", "model_type='llama' is not gpt2"),
-    ("activation_function", "relu", "activation_function='relu' is not one of gelu_new, gelu_pytorch_tanh, gelu"),
+    ("activation_function", "silu", "activation_function='silu' is not one of gelu_new, gelu_pytorch_tanh, gelu, relu"),
     ("n_inner", 64, "n_inner=64 is not 4 x n_embd = 128"),
     ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx=True differs from False"),
     ("reorder_and_upcast_attn", True, "reorder_and_upcast_attn=True differs from False"),

@@ -6,17 +6,21 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SORT_MODEL, random_model
+from conftest import EXPLAINER_ARCH, MINGPT_ARCH, SORT_MODEL, random_model
 from model import GPT, GPTConfig
 from model import reference as ref
 from model.checkpoint import model_from_checkpoint
 
 CONFIGS = [  # (config, T): bias on/off, 1 to 4 heads, both GELU forms, T shorter than block_size
-    (dict(n_layer=2, n_head=1, n_embd=8, vocab_size=7, block_size=9, bias=True, gelu="exact"), 9),
-    (dict(n_layer=1, n_head=2, n_embd=12, vocab_size=5, block_size=10, bias=False, gelu="tanh"), 6),
-    (dict(n_layer=3, n_head=3, n_embd=18, vocab_size=11, block_size=8, bias=True, gelu="tanh"), 5),
-    (dict(n_layer=2, n_head=4, n_embd=16, vocab_size=6, block_size=12, bias=False, gelu="exact"), 12),
+    (dict(n_layer=2, n_head=1, n_embd=8, vocab_size=7, block_size=9, bias=True, activation="gelu"), 9),
+    (dict(n_layer=1, n_head=2, n_embd=12, vocab_size=5, block_size=10, bias=False, activation="gelu_tanh"), 6),
+    (dict(n_layer=3, n_head=3, n_embd=18, vocab_size=11, block_size=8, bias=True, activation="gelu_tanh"), 5),
+    (dict(n_layer=2, n_head=4, n_embd=16, vocab_size=6, block_size=12, bias=False, activation="gelu"), 12),
     (SORT_MODEL, 11),
+    (dict(n_layer=2, n_head=2, n_embd=12, vocab_size=7, block_size=9, **EXPLAINER_ARCH), 9),
+    (dict(n_layer=2, n_head=3, n_embd=18, vocab_size=5, block_size=8, bias=False, **EXPLAINER_ARCH, head="untied"), 6),
+    (dict(SORT_MODEL, **MINGPT_ARCH), 11),
+    (dict(n_layer=1, n_head=2, n_embd=10, vocab_size=6, block_size=7, positions="sinusoidal", norm="pre"), 7),
 ]
 
 
@@ -30,6 +34,26 @@ def batch(cfg, T, B=3, seed=0):
 
 def test_sort_model_has_85584_parameters():
     assert GPT(GPTConfig(**SORT_MODEL)).num_params() == 85_584, "the visualisation's nano-gpt size"
+    assert GPT(GPTConfig(**SORT_MODEL, head="untied")).num_params() == 85_728, "minGPT's gpt-nano: its own LM head"
+
+
+def test_architecture_options_change_the_state_dict_as_documented():
+    base = GPT(GPTConfig(**SORT_MODEL)).state_dict()
+    explainer = GPT(GPTConfig(**SORT_MODEL, **EXPLAINER_ARCH)).state_dict()
+    assert set(base) - set(explainer) == {"transformer.wpe.weight", "transformer.ln_f.weight",
+                                          "transformer.ln_f.bias"}, "sinusoidal: no parameters; post-LN: no LN_f"
+    assert set(explainer) <= set(base)
+    untied = GPT(GPTConfig(**SORT_MODEL, head="untied"))
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+
+
+def test_sinusoidal_positions_are_the_papers_formula():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=5, block_size=16, positions="sinusoidal")).double()
+    pe = model.transformer.wpe(torch.arange(16))
+    pos, i = 5, 1  # PE(5, 2) = sin(5 / 10000^(2/8)), PE(5, 3) = cos(5 / 10000^(2/8))
+    assert abs(pe[pos, 2 * i].item() - np.sin(pos / 10000 ** (2 * i / 8))) < 1e-15
+    assert abs(pe[pos, 2 * i + 1].item() - np.cos(pos / 10000 ** (2 * i / 8))) < 1e-15
+    np.testing.assert_allclose(pe.numpy(), ref.sinusoidal_positions(16, 8), rtol=0, atol=1e-15)
     assert GPT(GPTConfig(**{**SORT_MODEL, "bias": False})).num_params() == 83_952
 
 
@@ -145,7 +169,9 @@ def test_nanogpt_state_dict_loads_with_same_logits():
     (dict(vocab_size=0), "vocab_size must be a positive integer, got 0"),
     (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
     (dict(dropout=-0.1), "dropout must be in [0, 1), got -0.1"),
-    (dict(gelu="relu"), "gelu must be one of"),
+    (dict(activation="swish"), "activation must be one of gelu, gelu_tanh, relu; got 'swish'"),
+    (dict(positions="rotary"), "positions must be one of learned, sinusoidal"),
+    (dict(norm="sandwich"), "norm must be one of pre, post"),
 ])
 def test_config_errors_name_the_bad_value(kwargs, message):
     with pytest.raises(ValueError) as e:

@@ -114,7 +114,8 @@ def test_model_args_are_exactly_nanogpts_fields(trained_chinese):
     base, _ = trained_chinese
     ckpt = torch.load(base / "out" / "chinese" / "ckpt.pt", weights_only=True)
     assert set(ckpt["model_args"]) == {f.name for f in fields(NanoGPTConfig)}, "nanoGPT calls GPTConfig(**model_args)"
-    assert ckpt["model_extra"] == {"gelu": "exact", "layer_norm_eps": 1e-5}, \
+    assert ckpt["model_extra"] == {"activation": "gelu", "positions": "learned", "norm": "pre", "head": "tied",
+                                   "layer_norm_eps": 1e-5}, \
         "our other architecture fields go where nanoGPT does not look"
 
 

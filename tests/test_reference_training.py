@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SORT_MODEL, random_model
+from conftest import EXPLAINER_ARCH, MINGPT_ARCH, SORT_MODEL, random_model
 from model import reference as ref
 from model.config import TrainConfig
 from model.schedule import get_lr
@@ -14,10 +14,13 @@ from model.tasks import SortTask
 from model.trainer import train_step
 
 GRAD_CONFIGS = [
-    dict(SORT_MODEL, gelu="exact"),
-    dict(SORT_MODEL, gelu="tanh", bias=False),
-    dict(n_layer=2, n_head=4, n_embd=32, vocab_size=17, block_size=16, bias=True, gelu="tanh"),
-    dict(n_layer=2, n_head=4, n_embd=32, vocab_size=17, block_size=16, bias=False, gelu="exact"),
+    dict(SORT_MODEL, activation="gelu"),
+    dict(SORT_MODEL, activation="gelu_tanh", bias=False),
+    dict(n_layer=2, n_head=4, n_embd=32, vocab_size=17, block_size=16, bias=True, activation="gelu_tanh"),
+    dict(n_layer=2, n_head=4, n_embd=32, vocab_size=17, block_size=16, bias=False, activation="gelu"),
+    dict(n_layer=2, n_head=2, n_embd=16, vocab_size=9, block_size=12, **EXPLAINER_ARCH),
+    dict(n_layer=2, n_head=2, n_embd=16, vocab_size=9, block_size=12, bias=False, **EXPLAINER_ARCH, head="untied"),
+    dict(SORT_MODEL, **MINGPT_ARCH),
 ]
 
 
@@ -38,7 +41,8 @@ def sample_batch(cfg, B=4, seed=0):
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
-@pytest.mark.parametrize("cfg", GRAD_CONFIGS, ids=lambda c: f"{c['n_embd']}d-{c['gelu']}-bias{c['bias']}")
+@pytest.mark.parametrize("cfg", GRAD_CONFIGS, ids=lambda c: "-".join(f"{v}" for k, v in c.items() if k in (
+    "n_embd", "activation", "bias", "positions", "norm", "head")))
 def test_reference_gradients_match_autograd(cfg, attention):
     model = random_model(seed=7, **cfg, attention=attention)
     idx, targets = sample_batch(cfg)
@@ -53,7 +57,7 @@ def test_reference_gradients_match_autograd(cfg, attention):
 
 
 def test_reference_gradients_match_finite_differences():
-    cfg = dict(n_layer=1, n_head=2, n_embd=4, vocab_size=5, block_size=4, bias=True, gelu="exact")
+    cfg = dict(n_layer=1, n_head=2, n_embd=4, vocab_size=5, block_size=4, bias=True, activation="gelu")
     model = random_model(seed=2, **cfg)
     idx, targets = (t.numpy() for t in sample_batch(cfg, B=2))
     params = ref.params_from_state_dict(model.state_dict())
@@ -75,14 +79,15 @@ def test_reference_gradients_match_finite_differences():
                 f"{name}{i}: analytic {grads[name][i]:.8g} vs finite difference {numeric:.8g}")
 
 
-def test_ten_training_steps_match_the_reference():
+@pytest.mark.parametrize("arch", [{}, EXPLAINER_ARCH, MINGPT_ARCH], ids=["gpt2", "explainer", "mingpt"])
+def test_ten_training_steps_match_the_reference(arch):
     """The project's own train_step (what train.py runs) against the reference's backward,
     clipping and AdamW, with gradient accumulation and the project's LR schedule."""
     cfg = TrainConfig(learning_rate=3e-3, min_lr=3e-4, warmup_iters=3, lr_decay_iters=10, max_iters=10,
                       weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=0.5, batch_size=8,
                       gradient_accumulation_steps=2)
     task = SortTask(seed=0)
-    model = random_model(seed=11, **SORT_MODEL)
+    model = random_model(seed=11, **SORT_MODEL, **arch)
     model.train()
     params = ref.params_from_state_dict(model.state_dict())
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")

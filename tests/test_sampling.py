@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sample as sample_cli
-from conftest import random_model, working_dir
+from conftest import EXPLAINER_ARCH, MINGPT_ARCH, random_model, working_dir
 from model.sampling import generate, next_token_probs, sample_next_token
 
 
@@ -48,25 +48,30 @@ def test_same_seed_same_output():
     assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
 
 
+ARCHS = pytest.mark.parametrize("arch", [{}, EXPLAINER_ARCH, MINGPT_ARCH], ids=["gpt2", "explainer", "mingpt"])
+
+
+@ARCHS
 @pytest.mark.parametrize("prompt_len", [1, 5, 8, 13])
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
-def test_kv_cache_gives_the_same_tokens(prompt_len, attention):
+def test_kv_cache_gives_the_same_tokens(prompt_len, attention, arch):
     """Greedy with and without the cache, for prompts shorter and longer than block_size=8,
     running far past block_size (the window shifts several times)."""
     model = random_model(seed=prompt_len, n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8,
-                         attention=attention)
+                         attention=attention, **arch)
     prompt = torch.randint(11, (3, prompt_len), generator=torch.Generator().manual_seed(0))
     cached = generate(model, prompt, 30, temperature=0.0, use_cache=True)
     plain = generate(model, prompt, 30, temperature=0.0, use_cache=False)
     assert torch.equal(cached, plain)
 
 
+@ARCHS
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 @pytest.mark.parametrize("chunks", [(5, 1, 1, 1), (2, 3, 3), (1, 4, 2, 1)])
-def test_cached_logits_equal_full_recompute(attention, chunks):
+def test_cached_logits_equal_full_recompute(attention, chunks, arch):
     """Feeding the tokens in chunks through the cache, several new tokens at a time on a
     non-empty cache included, gives the logits of one full pass."""
-    model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8, attention=attention)
+    model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8, attention=attention, **arch)
     idx = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(0))
     full, _ = model(idx)
     cache, parts, t = model.new_kv_cache(2), [], 0

@@ -105,7 +105,7 @@ def test_a_reference_that_disagrees_with_the_model_stops_the_walk(trained_sort, 
     monkeypatch.setattr(ref, "gelu", lambda x, form="exact": np.maximum(x, 0.0))  # ReLU instead of GELU
     assert main([f"--out_dir={base / 'out' / 'sort'}", "--start=CBABBC"]) == 1
     captured = capsys.readouterr()
-    assert "'block 0: GELU' (layer0.gelu): the NumPy reference and the torch model differ by" in captured.err
+    assert "'block 0: GELU' (layer0.act): the NumPy reference and the torch model differ by" in captured.err
     assert captured.out == "", "nothing unchecked is printed"
 
 
