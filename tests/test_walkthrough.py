@@ -135,3 +135,37 @@ def test_chinese_walk_as_json_holds_every_number(tiny_chinese, capsys):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
     top = steps["next_probs"]["cols"][0]
     assert top == ",", f"the model continues 天行健 with ',' (got {top!r})"
+
+
+@pytest.fixture(scope="module")
+def explainer(tmp_path_factory):
+    """configs/explainer.py as shipped: sinusoidal positions, post-LN, ReLU, 8 channels, 2 heads."""
+    base = tmp_path_factory.mktemp("explainer")
+    with working_dir(base):
+        run_training("explainer.py", base / "run")
+    return base / "run"
+
+
+def test_the_explainer_config_learns_the_corpus(explainer):
+    ckpt = load_checkpoint(explainer / "ckpt.pt")
+    model, tok = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt)
+    assert (model.config.positions, model.config.norm, model.config.activation) == ("sinusoidal", "post", "relu")
+    assert model.num_params() == 1_184
+    for line in (ROOT / "data" / "chinese" / "input.txt").read_text(encoding="utf-8").splitlines():
+        out = generate(model, torch.tensor([tok.encode(line[:3])]), len(line) - 3, temperature=0.0)
+        assert tok.decode(out[0].tolist()) == line, f"greedy continuation of {line[:3]}"
+
+
+def test_the_explainer_walk_follows_the_explainers_order(explainer, capsys):
+    assert main([f"--out_dir={explainer}", "--start=白日依山尽", "--heads=0"]) == 0
+    text = capsys.readouterr().out
+    titles = [t.split(": ")[-1] if t.startswith(("block", "next token")) else t.split(":")[0]
+              for t in re.findall(r"^\[\d+\] (.+?)   \(", text, flags=re.M)]
+    assert titles == ["token embedding", "positional encoding", "embeddings summed", "queries", "keys", "values",
+                      "scores", "scaled scores", "causal mask", "attention weights", "weighted values", "heads joined",
+                      "attention output", "add (residual)", "LayerNorm 1", "feed-forward, first layer", "ReLU",
+                      "feed-forward, second layer", "add (residual)", "the block's output", "logits",
+                      "probabilities"], titles
+    pe = printed_matrix(text, "positional encoding")
+    assert pe[1][:2] == [round(np.sin(1.0), 3), round(np.cos(1.0), 3)], "PE(1, 0) = sin 1, PE(1, 1) = cos 1"
+    assert "add & norm: LayerNorm 2: the block's output" in text and "final LayerNorm" not in text
