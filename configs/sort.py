@@ -10,6 +10,7 @@ n_layer = 3
 n_head = 3
 n_embd = 48
 dropout = 0.0
+activation = "gelu_tanh"  # minGPT's GELU, which the visualisation computes: its pictures show this model's numbers
 
 batch_size = 64
 learning_rate = 5e-3

@@ -1,35 +1,46 @@
 """Convert a model between formats:
 
-    python -m model.convert SOURCE DEST [--to=ours|hf] [--meta=path/to/meta.pkl]
+    python -m model.convert SOURCE DEST [--to=ours|hf|llmviz] [--meta=meta.pkl] [--n_head=N] [--start=CBABBC,...]
 
-SOURCE: a checkpoint or out_dir of ours, a Hugging Face GPT-2 folder, or a nanoGPT ckpt.pt (its
-vocabulary from the meta.pkl beside it, or --meta). --to=ours (the default) writes DEST/ckpt.pt
-with the tokenizer inside and a note of where it came from; --to=hf writes DEST as a GPT-2 folder
-(model.safetensors, config.json, tokenizer.json) that transformers' GPT2LMHeadModel and
-AutoTokenizer load. Nothing in DEST is overwritten.
+SOURCE: a checkpoint or out_dir of ours, a Hugging Face GPT-2 folder, a nanoGPT ckpt.pt (its
+vocabulary from the meta.pkl beside it, or --meta), the 3D visualisation's model JSON, or a
+minGPT state_dict saved with torch.save (--n_head needed: a state_dict does not record it).
+--to=ours (the default) writes DEST/ckpt.pt with the tokenizer inside and a note of where it came
+from; --to=hf writes DEST as a GPT-2 folder (model.safetensors, config.json, tokenizer.json) that
+transformers' GPT2LMHeadModel and AutoTokenizer load; --to=llmviz writes a sorter as the
+visualisation's two files (the model, and the activations of the --start inputs). Nothing in
+DEST is overwritten.
 """
 
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from model.checkpoint import (find_checkpoint, load_checkpoint, model_args_of, model_from_checkpoint,
                               save_checkpoint, tokenizer_from_checkpoint)
 from model.config import load_config, run_command
 from model.errors import UserError
 from model.hf import write_folder
+from model.llmviz import MODEL_FILE, PARTIALS_FILE, read_model_json, read_state_dict, write_llmviz
+from model.tasks import task_from_checkpoint
 
-USAGE = "usage: python -m model.convert SOURCE DEST [--to=ours|hf] [--meta=path/to/meta.pkl]"
+USAGE = ("usage: python -m model.convert SOURCE DEST [--to=ours|hf|llmviz] [--meta=path/to/meta.pkl] [--n_head=N] "
+         "[--start=CBABBC,...]")
+FORMATS = ("ours", "hf", "llmviz")
 
 
 @dataclass
 class ConvertConfig:
-    to: str = "ours"  # 'ours' (DEST/ckpt.pt) or 'hf' (a GPT-2 folder)
+    to: str = "ours"  # 'ours' (DEST/ckpt.pt), 'hf' (a GPT-2 folder) or 'llmviz' (the visualisation's files)
     meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
+    n_head: int = 0  # minGPT state_dicts: the number of heads (a state_dict does not record it)
+    start: str = ""  # --to=llmviz: the sort inputs whose activations are written, e.g. CBABBC,ABCABC
 
     def validate(self):
-        if self.to not in ("ours", "hf"):
-            raise UserError(f"--to must be ours or hf, got {self.to!r}")
+        if self.to not in FORMATS:
+            raise UserError(f"--to must be one of {', '.join(FORMATS)}; got {self.to!r}")
 
 
 def source_tokenizer(path, ckpt, meta):
@@ -57,14 +68,40 @@ def to_ours(path, ckpt, model, tokenizer, dest):
     return out
 
 
+def bare_state_dict(path):
+    """Whether a file that is no checkpoint is a state_dict of GPT tensors (as minGPT saves one)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file at all: load_checkpoint's own message says so
+        return False
+    return isinstance(state, dict) and any(str(k).endswith("wte.weight") for k in state)
+
+
+def read_source(source, cfg):
+    """(path, checkpoint) for any SOURCE convert reads."""
+    path = Path(source)
+    if path.suffix == ".json" and path.is_file():
+        return path, read_model_json(path)
+    path = find_checkpoint(ckpt=source)
+    try:
+        return path, load_checkpoint(path)
+    except UserError:
+        if path.is_file() and bare_state_dict(path):
+            return path, read_state_dict(path, cfg.n_head)
+        raise
+
+
 def convert(source, dest, cfg):
     """SOURCE -> DEST as cfg.to says; returns what was written."""
-    path = find_checkpoint(ckpt=source)
-    ckpt = load_checkpoint(path)
+    path, ckpt = read_source(source, cfg)
     tokenizer = source_tokenizer(path, ckpt, cfg.meta)
-    model = model_from_checkpoint(ckpt)
+    model = model_from_checkpoint(ckpt).eval()
     if cfg.to == "ours":
         return to_ours(path, ckpt, model, tokenizer, dest)
+    if cfg.to == "llmviz":
+        if any((Path(dest) / n).exists() for n in (MODEL_FILE, PARTIALS_FILE)):
+            raise UserError(f"{dest} already holds the visualisation's files; choose another DEST (nothing is overwritten)")
+        return write_llmviz(model, task_from_checkpoint(ckpt, tokenizer, model.config.block_size), dest, cfg.start)
     if (ckpt.get("task") or {}).get("type", "text") != "text":
         raise UserError(f"{path} is a {ckpt['task']['type']} model; a GPT-2 folder holds text models only")
     if any((Path(dest) / n).exists() for n in ("model.safetensors", "config.json", "tokenizer.json")):
@@ -76,7 +113,9 @@ def convert_command(argv):
     if len(argv) < 2 or argv[0].startswith("--") or argv[1].startswith("--"):
         raise UserError(USAGE)
     cfg = load_config(ConvertConfig, argv[2:])
-    print(convert(argv[0], argv[1], cfg))
+    written = convert(argv[0], argv[1], cfg)
+    for path in written if isinstance(written, list) else [written]:
+        print(path)
     return 0
 
 

@@ -50,6 +50,7 @@ class SortTask:
         is_heldout = torch.zeros(n, dtype=torch.bool)
         is_heldout[heldout] = True
         self.splits = {"val": heldout, "train": perm[~is_heldout[perm]]}
+        self.split_known = True  # False for an imported model: its "held-out" part is every input
 
     @classmethod
     def for_training(cls, cfg, start):
@@ -105,13 +106,18 @@ class SortTask:
         return "heldout_acc 100%" if evaluation.get("heldout_acc") == 1.0 else None
 
     def state(self):
-        """Plain data for the checkpoint: enough to rebuild the task and its exact split."""
+        """Plain data for the checkpoint: enough to rebuild the task and its exact split (None:
+        the split is unknown, as for a model imported from minGPT or the visualisation)."""
         return {"type": "sort", "length": self.length, "alphabet": self.alphabet,
-                "heldout": self.splits["val"].clone()}
+                "heldout": self.splits["val"].clone() if self.split_known else None}
 
     @classmethod
     def from_state(cls, state):
-        return cls(state["length"], state["alphabet"], heldout=state["heldout"])
+        if state["heldout"] is not None:
+            return cls(state["length"], state["alphabet"], heldout=state["heldout"])
+        task = cls(state["length"], state["alphabet"], heldout=torch.arange(len(state["alphabet"]) ** state["length"]))
+        task.split_known = False
+        return task
 
     # ---- what the commands show ----
 
@@ -119,7 +125,7 @@ class SortTask:
         return f"sort {self.length} letters from {self.alphabet}"
 
     def report_rows(self, run):
-        if run.get("heldout_acc") is None:
+        if run.get("heldout_acc") is None or not self.split_known:
             return []
         sizes = {k: min(len(v), self.EVAL_LIMIT) for k, v in self.splits.items()}
         return [("held-out exact match", f"{run['heldout_acc']:.1%} of {sizes['val']} inputs"),
@@ -148,6 +154,11 @@ class SortTask:
     def sample(self, cfg, prompt, model, device):
         """sample.py: --eval scores every input; --start prints its answer; else random inputs, marked."""
         if cfg.eval:
+            if not self.split_known:
+                n = min(len(self.splits["val"]), self.EVAL_LIMIT)
+                print(f"all inputs: {self.accuracy(model, 'val', device):.1%} of {n} sorted exactly (the split this "
+                      f"model was trained with is unknown: it was imported, so seen and unseen inputs are mixed)")
+                return
             for split, name in (("val", "held-out"), ("train", "training")):
                 n = min(len(self.splits[split]), self.EVAL_LIMIT)
                 print(f"{name} inputs: {self.accuracy(model, split, device):.1%} of {n} sorted exactly")
@@ -163,7 +174,7 @@ class SortTask:
         for inp, ans, number in zip(letters, answers, self.numbers(letters).tolist()):
             expected = inp.sort().values
             mark = "right" if torch.equal(ans, expected) else f"wrong, expected {decode(expected.tolist())}"
-            where = "held-out" if number in heldout else "seen in training"
+            where = ("held-out" if number in heldout else "seen in training") if self.split_known else "split unknown"
             line = f"{decode(inp.tolist())} -> {decode(ans.tolist())}"
             print(line if prompt else f"{line}  ({mark}; {where})")
         if prompt and not torch.equal(answers[0], letters[0].sort().values):
