@@ -146,12 +146,13 @@ class WalkthroughConfig:
     heads: str = "all"  # which attention heads to show: 'all' or numbers like '1'
     decimals: int = 3
     max_cols: int = 8  # wider matrices show their first columns, '...', and the last one
-    format: str = "text"  # 'text', 'md' (Markdown) or 'json'
+    format: str = "text"  # 'text', 'md' (Markdown), 'json' or 'html' (one page to open in a browser)
+    output: str = ""  # --format=html: the page's path (default: walkthrough.html beside the checkpoint)
     temperature: float = 1.0  # the next-token probabilities are shown at this and at 0.5, 1, 2
 
     def validate(self):
-        if self.format not in ("text", "md", "json"):
-            raise UserError(f"format must be one of text, md, json; got {self.format!r}")
+        if self.format not in ("text", "md", "json", "html"):
+            raise UserError(f"format must be one of text, md, json, html; got {self.format!r}")
         if not 0 <= self.decimals <= 12:
             raise UserError(f"decimals must be between 0 and 12, got {self.decimals}")
         if self.max_cols < 2:

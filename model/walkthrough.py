@@ -15,11 +15,13 @@ recomputed in torch from the model's own Q, K, V, and their joined result is che
 what the model itself fed its output projection.
 """
 
+import html
 import json
 import math
 import sys
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -294,13 +296,22 @@ def as_markdown(steps, intro, decimals, max_cols):
     return "\n".join(lines)
 
 
-def as_json(steps, info, decimals):
+def as_json(steps, info, decimals, indent=1):
     """Every number (no columns cut), rounded to `decimals`; null stands for -inf (masked)."""
     def rounded(m):
         return [[None if x == -np.inf else round(float(x), decimals) for x in row] for row in m]
     return json.dumps({**info, "steps": [
         {"title": s.title, "key": s.key, "formula": s.formula, "shape": s.shape, "size": list(s.values.shape),
-         "rows": s.rows, "cols": s.cols, "values": rounded(s.values)} for s in steps]}, ensure_ascii=False, indent=1)
+         "rows": s.rows, "cols": s.cols, "values": rounded(s.values)} for s in steps]}, ensure_ascii=False,
+        indent=indent)
+
+
+def as_html(steps, info, decimals):
+    """One self-contained page (model/walkthrough_page.html with the JSON format's data inside):
+    inline CSS and plain JavaScript, no network request; heatmaps drawn on canvases."""
+    page = Path(__file__).with_name("walkthrough_page.html").read_text(encoding="utf-8")
+    data = as_json(steps, info, decimals, indent=None).replace("</", "<\\/")  # cannot end the <script> early
+    return page.replace("__TITLE__", html.escape(info["input"])).replace("__DATA__", data)
 
 
 # ---- the command line ---------------------------------------------------------------------
@@ -320,7 +331,27 @@ def pick(spec, count, what):
 
 
 def run(cfg):
-    """The walkthrough as text, Markdown or JSON for the config's checkpoint and input."""
+    """The walkthrough as text, Markdown or JSON for the config's checkpoint and input; for
+    --format=html, the path of the page it wrote."""
+    path, steps, info = compute(cfg)
+    if cfg.format == "json":
+        return as_json(steps, info, cfg.decimals)
+    if cfg.format == "html":
+        output = Path(cfg.output) if cfg.output else (path if path.is_dir() else path.parent) / "walkthrough.html"
+        output.write_text(as_html(steps, info, cfg.decimals), encoding="utf-8")
+        return str(output)
+    c = info["model"]
+    intro = [f"checkpoint: {path}",
+             f"input: {cfg.start!r} -> tokens {' '.join(token_labels(info['tokens']))} -> ids {info['ids']}",
+             f"model: n_layer={c['n_layer']}, n_head={c['n_head']}, n_embd={c['n_embd']} (C), head size "
+             f"hs={c['n_embd'] // c['n_head']}, vocab V={c['vocab_size']}, T={len(info['ids'])} tokens",
+             f"checked: {info['checked']}"]
+    render = as_markdown if cfg.format == "md" else as_text
+    return render(steps, intro, cfg.decimals, cfg.max_cols)
+
+
+def compute(cfg):
+    """(checkpoint path, steps, info) for the config's checkpoint and input, every step checked."""
     opened = open_model(cfg.out_dir, cfg.ckpt, meta=cfg.meta, quiet=True)
     path, model, tokenizer = opened.path, opened.model.double(), opened.tokenizer
     if tokenizer is None:
@@ -348,15 +379,7 @@ def run(cfg):
             "model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
                       "block_size": c.block_size},
             "checked": f"every matrix equals the torch model's (float64) within {TOLERANCE:g}"}
-    if cfg.format == "json":
-        return as_json(steps, info, cfg.decimals)
-    intro = [f"checkpoint: {path}",
-             f"input: {cfg.start!r} -> tokens {' '.join(token_labels(tokens))} -> ids {ids}",
-             f"model: n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd} (C), head size "
-             f"hs={c.n_embd // c.n_head}, vocab V={c.vocab_size}, T={len(ids)} tokens",
-             f"checked: {info['checked']}"]
-    render = as_markdown if cfg.format == "md" else as_text
-    return render(steps, intro, cfg.decimals, cfg.max_cols)
+    return path, steps, info
 
 
 def walkthrough_command(argv):
