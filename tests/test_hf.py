@@ -116,6 +116,15 @@ def test_special_tokens_are_never_sampled(folders, capsys):
     assert not any(t in out for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")), out[:300]
 
 
+def test_attention_plots_of_a_folder(folders, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import shutil
+    from model.plots import main as plots_main
+    folder = shutil.copytree(folders["english"], tmp_path / "gpt2")
+    assert plots_main([f"--out_dir={folder}", "--start=The quick brown fox"]) == 0
+    assert capsys.readouterr().out.split() == [str(folder / "attention.png")], "no metrics, so no loss curves"
+
+
 def test_walkthrough_reads_a_folder(folders, capsys):
     from model.walkthrough import main as walk_main
     assert walk_main([f"--ckpt={folders['eps']}", "--start=The fox", "--layers=0", "--heads=0"]) == 0
