@@ -91,7 +91,7 @@ def test_options_pick_layers_heads_decimals_and_columns(trained_sort, capsys):
     (["--start=CBAD"], "--start has characters the model does not know: 'D'"),
     (["--start=CBABBCABBBCC"], "--start has 12 tokens; this model reads at most block_size=11"),
     (["--start="], "give the input to walk through with --start"),
-    (["--format=html"], "format must be one of text, md, json; got 'html'"),
+    (["--format=pdf"], "format must be one of text, md, json, html; got 'pdf'"),
 ])
 def test_bad_options_are_clear_errors(trained_sort, capsys, args, message):
     base, _ = trained_sort
