@@ -19,6 +19,7 @@ from common import peak_rss_mb, run_case, write_results
 
 sys.path.insert(0, str(__import__("common").ROOT))
 from model import GPT, GPTConfig  # noqa: E402
+from model.runtime import decode_layout  # noqa: E402
 from model.sampling import generate  # noqa: E402
 
 NEW_TOKENS = 500
@@ -28,6 +29,8 @@ CASES = {"nocache": (False, 1), "cache": (True, 1), "batch8": (True, 8)}  # (kv_
 def measure(kv_cache, device, samples=1):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384)).to(device).eval()
+    if device == "cpu":
+        decode_layout(model)  # as sample.py opens a model on the CPU
     prompt = torch.zeros(samples, 1, dtype=torch.long, device=device)
     generate(model, prompt, 8, temperature=1.0, use_cache=kv_cache)  # warm-up
     start = time.perf_counter()

@@ -34,7 +34,7 @@ def models():
     import transformers
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()  # GPT-2 124M's shape
-    ours = GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, gelu="tanh")).eval()
+    ours = GPT(GPTConfig(block_size=1024, vocab_size=50257, n_layer=12, n_head=12, n_embd=768, activation="gelu_tanh")).eval()
     return ours, hf
 
 

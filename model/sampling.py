@@ -32,7 +32,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: a few percent faster than no_grad when decoding
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
              generator=None, use_cache=True, on_token=None, vocab_limit=None, banned=None):
     """Extend idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).

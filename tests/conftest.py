@@ -8,6 +8,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# the tests build every model and tokenizer they use; transformers must never look online for one
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from model.gpt import GPT, GPTConfig  # noqa: E402
 
