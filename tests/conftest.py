@@ -43,6 +43,26 @@ def nanogpt_checkpoint(path):
     return path
 
 
+def trained_run(config, base):
+    """Train a built-in config as shipped in base/run; returns that folder."""
+    with working_dir(base):
+        run_training(config, base / "run")
+    return base / "run"
+
+
+def assert_writes_each_line(out_dir):
+    """The model in out_dir continues each line of data/chinese from its first three characters
+    (greedy), as the corpus configs promise. Returns the model for further checks."""
+    from model.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+    from model.sampling import generate
+    ckpt = load_checkpoint(out_dir / "ckpt.pt")
+    model, tok = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt)
+    for line in (ROOT / "data" / "chinese" / "input.txt").read_text(encoding="utf-8").splitlines():
+        out = generate(model, torch.tensor([tok.encode(line[:3])]), len(line) - 3, temperature=0.0)
+        assert tok.decode(out[0].tolist()) == line, f"{out_dir}: greedy continuation of {line[:3]} is wrong"
+    return model
+
+
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
     """Run in an empty folder (train.py writes out/latest.txt relative to it)."""

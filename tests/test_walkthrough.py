@@ -7,29 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_training, working_dir
+from conftest import assert_writes_each_line, trained_run
 from model import reference as ref
 from model.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-from model.sampling import generate
 from model.walkthrough import main
 
 
 @pytest.fixture(scope="module")
 def tiny_chinese(tmp_path_factory):
     """configs/walkthrough.py as shipped: 6 channels, 2 heads, 1 block."""
-    base = tmp_path_factory.mktemp("walk")
-    with working_dir(base):
-        run_training("walkthrough.py", base / "run")
-    return base / "run"
+    return trained_run("walkthrough.py", tmp_path_factory.mktemp("walk"))
 
 
 def test_the_tiny_config_learns_the_corpus(tiny_chinese):
-    ckpt = load_checkpoint(tiny_chinese / "ckpt.pt")
-    model, tok = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt)
-    assert model.num_params() == 900
-    for line in (ROOT / "data" / "chinese" / "input.txt").read_text(encoding="utf-8").splitlines():
-        out = generate(model, torch.tensor([tok.encode(line[:3])]), len(line) - 3, temperature=0.0)
-        assert tok.decode(out[0].tolist()) == line, f"greedy continuation of {line[:3]}"
+    assert assert_writes_each_line(tiny_chinese).num_params() == 900
 
 
 def model_logits(out_dir, text):
@@ -140,20 +131,13 @@ def test_chinese_walk_as_json_holds_every_number(tiny_chinese, capsys):
 @pytest.fixture(scope="module")
 def explainer(tmp_path_factory):
     """configs/explainer.py as shipped: sinusoidal positions, post-LN, ReLU, 8 channels, 2 heads."""
-    base = tmp_path_factory.mktemp("explainer")
-    with working_dir(base):
-        run_training("explainer.py", base / "run")
-    return base / "run"
+    return trained_run("explainer.py", tmp_path_factory.mktemp("explainer"))
 
 
 def test_the_explainer_config_learns_the_corpus(explainer):
-    ckpt = load_checkpoint(explainer / "ckpt.pt")
-    model, tok = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt)
+    model = assert_writes_each_line(explainer)
     assert (model.config.positions, model.config.norm, model.config.activation) == ("sinusoidal", "post", "relu")
     assert model.num_params() == 1_184
-    for line in (ROOT / "data" / "chinese" / "input.txt").read_text(encoding="utf-8").splitlines():
-        out = generate(model, torch.tensor([tok.encode(line[:3])]), len(line) - 3, temperature=0.0)
-        assert tok.decode(out[0].tolist()) == line, f"greedy continuation of {line[:3]}"
 
 
 def test_the_explainer_walk_follows_the_explainers_order(explainer, capsys):
