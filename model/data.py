@@ -98,11 +98,6 @@ def decode_utf8(data, path, offset, before, several):
                         f"convert it, e.g. iconv -f GBK -t UTF-8 {path.name} > fixed.txt") from None
 
 
-def read_text(path):
-    """A whole text in memory, for small texts (tests, prompts): prefer TextSource.chunks()."""
-    return "".join(TextSource.at(path).chunks())
-
-
 def safe_pieces(chunks, target=1 << 14):
     """Re-cut text chunks into pieces of about `target` characters at SAFE_CUT places, so that
     encoding the pieces one by one gives the ids of the whole text."""

@@ -99,11 +99,17 @@ def rank0_first(rt):
 
 
 def grow_vocabulary(state, vocab_size, generator):
-    """Fine-tuning: new characters get new rows in the (tied) token embedding, initialised like
-    fresh embeddings, N(0, 0.02); the rows of known characters are kept as they are."""
-    wte = state["transformer.wte.weight"]
-    extra = torch.randn(vocab_size - wte.size(0), wte.size(1), generator=generator, dtype=wte.dtype) * 0.02
-    state["transformer.wte.weight"] = state["lm_head.weight"] = torch.cat([wte, extra.to(wte.device)])
+    """Fine-tuning: new characters get new rows in the token embedding (and in an untied LM head,
+    rows of its own), initialised like fresh weights, N(0, 0.02); known rows are kept as they are."""
+    wte, head = state["transformer.wte.weight"], state["lm_head.weight"]
+    tied = head.data_ptr() == wte.data_ptr()
+
+    def grown(w):
+        extra = torch.randn(vocab_size - w.size(0), w.size(1), generator=generator, dtype=w.dtype) * 0.02
+        return torch.cat([w, extra.to(w.device)])
+
+    state["transformer.wte.weight"] = grown(wte)
+    state["lm_head.weight"] = state["transformer.wte.weight"] if tied else grown(head)
 
 
 def build_model(cfg, start, task):
@@ -117,7 +123,8 @@ def build_model(cfg, start, task):
     if start.ckpt is not None:
         state = model_from_checkpoint(start.ckpt).state_dict()
         if start.mode == "finetune":
-            state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:task.block_size]
+            if "transformer.wpe.weight" in state:  # learned positions; sinusoidal ones have no weights
+                state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:task.block_size]
             grow_vocabulary(state, task.model_vocab_size, torch.Generator().manual_seed(cfg.seed))
         model.load_state_dict(state)
     return model

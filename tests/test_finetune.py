@@ -80,3 +80,25 @@ def test_a_finetune_can_be_resumed(finetuned):
     assert summary["iter_num"] == 160
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["config"]["init_from"] == "resume" and ckpt["model_args"]["vocab_size"] == len(ckpt["tokenizer"]["itos"])
+
+
+@pytest.mark.parametrize("arch", [["--positions=sinusoidal", "--norm=post", "--activation=relu"], ["--head=untied"]],
+                         ids=["explainer", "untied"])
+def test_models_of_every_architecture_can_be_fine_tuned(arch, tmp_path):
+    """No position embeddings to crop (sinusoidal), and an untied head that grows rows of its own."""
+    small = ["--n_layer=1", "--n_head=2", "--n_embd=8", "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]
+    with working_dir(tmp_path):
+        train(load_config(TrainConfig, [str(ROOT / "configs" / "chinese.py"), f"--data={ROOT / 'data' / 'chinese'}",
+                                        f"--out_dir={tmp_path / 'base'}", *small, *arch]))
+        run = prepare_run(load_config(TrainConfig, [str(ROOT / "configs" / "finetune.py"), f"--data={POEMS}",
+                                                    f"--init_from={tmp_path / 'base'}", f"--out_dir={tmp_path / 'ft'}"]))
+    base = load_checkpoint(tmp_path / "base" / "ckpt.pt")["model"]
+    known = base["transformer.wte.weight"].size(0)
+    model = run.model.cpu()
+    assert model.config.vocab_size > known, "the poems' new characters joined the vocabulary"
+    for name in ("transformer.wte.weight", "lm_head.weight"):
+        assert torch.equal(model.state_dict()[name][:known], base[name]), f"{name}: known rows kept"
+    untied = model.config.head == "untied"
+    assert (model.lm_head.weight is not model.transformer.wte.weight) == untied, "the head stays as it was"
+    if untied:
+        assert not torch.equal(model.lm_head.weight[known:], model.transformer.wte.weight[known:]), "rows of its own"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import read_text
+from model.data import TextSource
 from model.errors import UserError
 from model.config import TrainConfig
 from model.start import Start
@@ -86,9 +86,9 @@ def test_text_errors(tmp_path):
     bad = tmp_path / "gbk.txt"
     bad.write_bytes("你好".encode("utf-8") + "世界".encode("gbk"))
     with pytest.raises(UserError, match=r"gbk.txt is not UTF-8 text: byte 6 \(0xca\)"):
-        read_text(bad)
+        "".join(TextSource.at(bad).chunks())
     with pytest.raises(UserError, match="not found"):
-        read_text(tmp_path / "missing.txt")
+        TextSource.at(tmp_path / "missing.txt")
 
 
 def test_small_validation_split_warns_with_a_fix(tmp_path, capsys):
