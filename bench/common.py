@@ -4,7 +4,6 @@ memory is each case's own), this machine's measured matmul peak, and the result 
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -28,12 +27,6 @@ def machine():
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
-
-
-def peak_rss_mb():
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
 def run_case(script, case, *args):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from common import peak_rss_mb, run_case, write_results
+from common import run_case, write_results
 
 sys.path.insert(0, str(__import__("common").ROOT))
 from model import GPT, GPTConfig  # noqa: E402
-from model.runtime import decode_layout  # noqa: E402
+from model.runtime import decode_layout, peak_memory_mb  # noqa: E402
 from model.sampling import generate  # noqa: E402
 
 NEW_TOKENS = 500
@@ -41,7 +41,7 @@ def measure(kv_cache, device, samples=1):
     seconds = time.perf_counter() - start
     assert out.size(1) == NEW_TOKENS + 1
     return {"device": device, "kv_cache": kv_cache, "samples": samples, "seconds": seconds,
-            "tokens_per_s": samples * NEW_TOKENS / seconds, "peak_mb": peak_rss_mb() if device == "cpu" else torch.cuda.max_memory_allocated() / 2 ** 20}
+            "tokens_per_s": samples * NEW_TOKENS / seconds, "peak_mb": peak_memory_mb(device)}
 
 
 def main():

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, matmul_peak_gflops, peak_rss_mb, run_case, write_results
+from common import ROOT, matmul_peak_gflops, run_case, write_results
 
 sys.path.insert(0, str(ROOT))
 from model.config import TrainConfig, load_config  # noqa: E402
 from model.schedule import get_lr  # noqa: E402
-from model.runtime import autocast_context  # noqa: E402
+from model.runtime import autocast_context, peak_memory_mb  # noqa: E402
 from model.start import prepare_run  # noqa: E402
 from model.trainer import derived_seed, train_step  # noqa: E402
 
@@ -66,7 +66,7 @@ def measure(case):
         achieved = flops_per_iter(run) / seconds / 1e9
         return {"config": case, "params": run.model.num_params(), "ms_per_iter": seconds * 1000,
                 "tokens_per_s": tokens / seconds, "gflops": achieved, "peak_gflops": peak,
-                "mfu_pct": 100 * achieved / peak, "peak_mb": peak_rss_mb()}
+                "mfu_pct": 100 * achieved / peak, "peak_mb": peak_memory_mb("cpu")}
 
 
 def main():

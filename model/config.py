@@ -13,10 +13,10 @@ from typing import Optional
 from model.errors import UserError
 from model.gpt import GPTConfig
 from model.runtime import DTYPES
+from model.tasks import TASKS
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "activation", "positions", "norm", "head",
                 "attention")  # TrainConfig -> GPTConfig
-TASK_NAMES = ("text", "sort")  # model/tasks.py holds what each one does
 
 
 def run_command(body, argv, failures=()):
@@ -99,7 +99,7 @@ class TrainConfig:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name, allowed in {"task": TASK_NAMES, "dtype": ("auto", *DTYPES)}.items():
+        for name, allowed in {"task": tuple(TASKS), "dtype": ("auto", *DTYPES)}.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         GPTConfig(block_size=max(1, self.block_size), vocab_size=1,

@@ -380,7 +380,7 @@ def text_model_shape(cfg, start, tokenizer):
     return block_size, max(start.model_args["vocab_size"], tokenizer.vocab_size)
 
 
-TASKS = {"sort": SortTask, "text": TextTask}
+TASKS = {"text": TextTask, "sort": SortTask}  # the default first
 
 
 def task_for_training(cfg, start):
