@@ -37,6 +37,13 @@ def visible(ch):
     return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(ch, ch)
 
 
+def unknown_characters(missing):
+    """The error for a text with characters a vocabulary cannot spell, naming them."""
+    shown = ", ".join(repr(ch) for ch in missing[:20])
+    return UserError(f"{len(missing)} character(s) not in the vocabulary: {shown}; "
+                     f"change the text, or pass --drop_unknown=True to leave them out")
+
+
 # ---- characters ---------------------------------------------------------------------------
 
 def characters(chunks):
@@ -90,9 +97,7 @@ class CharTokenizer:
     def encode(self, text, drop_unknown=False):
         missing = self.unknown(text)
         if missing and not drop_unknown:
-            shown = ", ".join(repr(ch) for ch in missing[:20])
-            raise UserError(f"{len(missing)} character(s) not in the vocabulary: {shown}; "
-                            f"change the text, or pass --drop_unknown=True to leave them out")
+            raise unknown_characters(missing)
         return [self.stoi[ch] for ch in text if ch in self.stoi]
 
     def encode_array(self, text):
@@ -163,10 +168,7 @@ class HFTokenizer:
         ids = self.tok.encode(text, add_special_tokens=False).ids
         if self.unk_id is not None and self.unk_id in ids:
             if not drop_unknown:
-                missing = self.unknown(text)
-                raise UserError(f"{len(missing)} character(s) not in the vocabulary: "
-                                f"{', '.join(repr(c) for c in missing[:20])}; change the text, or pass "
-                                f"--drop_unknown=True to leave them out")
+                raise unknown_characters(self.unknown(text))
             ids = [i for i in ids if i != self.unk_id]
         return ids
 
