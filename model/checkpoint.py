@@ -15,34 +15,54 @@ from pathlib import Path
 import torch
 
 from model.errors import UserError
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT, NANOGPT_FIELDS, RUN_FIELDS, GPTConfig
 from model.hf import is_hf_folder, read_folder
 from model.runtime import decode_layout, resolve_device
 from model.tasks import task_from_checkpoint
 from model.tokenizer import CharTokenizer, tokenizer_from_dict
 
-NANOGPT_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")
-RUNTIME_ARGS = ("attention",)  # how the model computes, not what it is: never stored
-
+# what a checkpoint keeps of a GPTConfig: nanoGPT's fields (model_args) and what the weights are (model_extra)
+STORED_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name in NANOGPT_FIELDS or f.name not in RUN_FIELDS)
 LATEST = Path("out") / "latest.txt"  # records the checkpoint train.py wrote last
 TRAIN_HINT = "train one first, e.g. python train.py configs/sort.py"
 
 
-def save_checkpoint(ckpt, path):
-    """Write to a temporary file beside `path`, then rename over it: a run killed while saving
-    leaves the previous checkpoint whole."""
+def write_atomically(path, write):
+    """write(f) into a temporary file beside `path`, then rename it over `path`: a run killed or a
+    disk filling up while writing leaves the previous file whole, and no partial file behind to
+    fill the disk further. A write the system refuses (no space left, no permission) raises
+    UserError naming the path; Ctrl-C and real bugs pass through as they are."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = os_error(e)
+        if cause is None:
+            raise
+        raise UserError(f"cannot write {path}: {cause.strerror or cause}") from None
+
+
+def os_error(e):
+    """The OSError behind an exception, if any: torch.save reports a failed write as a RuntimeError
+    ("unexpected pos ...") raised while handling the OSError ("No space left on device")."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def save_checkpoint(ckpt, path):
+    write_atomically(path, lambda f: torch.save(ckpt, f))
 
 
 def record_latest(path):
     LATEST.parent.mkdir(parents=True, exist_ok=True)
-    LATEST.write_text(str(Path(path).resolve()) + "\n", encoding="utf-8")
+    write_atomically(LATEST, lambda f: f.write((str(Path(path).resolve()) + "\n").encode("utf-8")))
 
 
 def find_checkpoint(out_dir="", ckpt=""):
@@ -100,21 +120,20 @@ def clean_state_dict(state_dict):
 
 def model_args_of(config):
     """GPTConfig -> (model_args, model_extra): nanoGPT's fields, and our other architecture fields."""
-    fields_ = asdict(config)
-    args = {k: fields_[k] for k in NANOGPT_ARGS}
-    extra = {k: v for k, v in fields_.items() if k not in NANOGPT_ARGS and k not in RUNTIME_ARGS}
+    values = asdict(config)
+    args = {k: values[k] for k in NANOGPT_FIELDS}
+    extra = {k: values[k] for k in STORED_FIELDS if k not in NANOGPT_FIELDS}
     return args, extra
 
 
 def config_of(ckpt, **overrides):
     """The GPTConfig a checkpoint describes (model_args, then model_extra; older checkpoints kept
     the extra fields in model_args). Invalid values raise UserError."""
-    known = {f.name for f in fields(GPTConfig)} - set(RUNTIME_ARGS)
     args = {**ckpt["model_args"], **ckpt.get("model_extra", {})}
     if "gelu" in args:  # checkpoints before the activation option named the GELU form
         args.setdefault("activation", {"exact": "gelu", "tanh": "gelu_tanh"}.get(args.pop("gelu"), "?"))
     try:
-        return GPTConfig(**{**{k: v for k, v in args.items() if k in known}, **overrides})
+        return GPTConfig(**{**{k: v for k, v in args.items() if k in STORED_FIELDS}, **overrides})
     except (TypeError, UserError) as e:
         raise UserError(f"the checkpoint's model_args are invalid: {e}") from None
 
@@ -175,9 +194,7 @@ def write_meta(tokenizer, path):
     if tokenizer.kind != "char":
         return
     meta = {"vocab_size": tokenizer.vocab_size, "itos": dict(enumerate(tokenizer.itos)), "stoi": dict(tokenizer.stoi)}
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_bytes(pickle.dumps(meta))
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: pickle.dump(meta, f))
 
 
 @dataclass

@@ -6,7 +6,7 @@ import ast
 import difflib
 import sys
 import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -15,8 +15,13 @@ from model.gpt import GPTConfig
 from model.runtime import DTYPES
 from model.tasks import TASKS
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_embd", "dropout", "bias", "activation", "positions", "norm", "head",
-                "attention")  # TrainConfig -> GPTConfig
+# TrainConfig takes every GPTConfig field as a flag of the same name (their meanings are written in
+# gpt.py), except these two, which the task and tokenizer decide and TrainConfig declares itself.
+TASK_DECIDES = ("block_size", "vocab_size")
+MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name not in TASK_DECIDES)
+SMALL_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128}  # train.py's defaults: trains on a laptop CPU in minutes
+ModelOptions = make_dataclass("ModelOptions", [(f.name, f.type, field(default=SMALL_MODEL.get(f.name, f.default)))
+                                               for f in fields(GPTConfig) if f.name in MODEL_FIELDS])
 
 
 def run_command(body, argv, failures=()):
@@ -34,7 +39,8 @@ def run_command(body, argv, failures=()):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelOptions):
+    """train.py's settings: the model's fields (ModelOptions, from GPTConfig), then these."""
     # output and evaluation
     out_dir: str = "out"
     eval_interval: int = 250  # evaluate, log and save a checkpoint every this many iterations
@@ -56,17 +62,6 @@ class TrainConfig:
     vocab_size: int = 0  # bpe: how many tokens to learn; char or a path: 0 is the tokenizer's size
     drop_unknown: bool = False  # a vocabulary from files: leave out characters it lacks instead of adding them
     gradient_accumulation_steps: int = 1
-    # model
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = True
-    activation: str = "gelu"  # 'gelu' (exact, erf), 'gelu_tanh' (GPT-2's approximation) or 'relu'
-    positions: str = "learned"  # 'learned' (GPT-2) or 'sinusoidal' (the original Transformer's fixed code)
-    norm: str = "pre"  # 'pre' (GPT-2: x + f(LN(x))) or 'post' (the original "Add & Norm": LN(x + f(x)))
-    head: str = "tied"  # 'tied' (the LM head is the token embedding matrix) or 'untied' (its own, as minGPT)
-    attention: str = "sdpa"  # 'sdpa' (fused kernel) or 'explicit' (the maths written out)
     # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
     learning_rate: float = 1e-3
     max_iters: int = 5000

@@ -62,6 +62,16 @@ class GPTConfig:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
 
+NANOGPT_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's GPTConfig
+RUN_FIELDS = ("dropout", "attention")  # how a run computes, not what the weights are: each run sets its own
+
+
+def causal_mask(T, S, device=None):
+    """(T, S) bool, True where a query may look: the T queries are the last T of the S positions,
+    so query t (at position S - T + t) sees keys 0 .. S - T + t and never one after it."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+
+
 class SinusoidalPositions(nn.Module):
     """The original Transformer's positional encoding: fixed, no parameters (nothing in the
     state_dict). PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(pos / 10000^(2i/C))."""
@@ -119,38 +129,33 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        past = 0
         if kv_cache is not None:
-            past = kv_cache.length
             k, v = kv_cache.append(layer, k, v)  # (B, nh, past + T, hs)
         if self.attention == "explicit":
-            y = self.explicit_attention(q, k, v, past)
+            y = self.explicit_attention(q, k, v)
         else:
-            y = self.sdpa_attention(q, k, v, past)
+            y = self.sdpa_attention(q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # join the heads again
         return self.resid_dropout(self.c_proj(y))
 
-    def explicit_attention(self, q, k, v, past):
+    def explicit_attention(self, q, k, v):
         """softmax(Q K^T / sqrt(hs) + causal mask) V, written out. q: (B, nh, T, hs), k, v: (B, nh, past + T, hs)."""
         T, S = q.size(2), k.size(2)
         scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
-        # query t sits at position past + t and may look at keys 0 .. past + t, never ahead
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
         att = F.softmax(scores, dim=-1)
         att = self.attn_dropout(att)
         return att @ v  # (B, nh, T, hs)
 
-    def sdpa_attention(self, q, k, v, past):
+    def sdpa_attention(self, q, k, v):
         """The same maths through PyTorch's fused kernel (flash attention where available)."""
         dropout = self.dropout if self.training else 0.0
         T, S = q.size(2), k.size(2)
-        if past == 0:
+        if T == S:  # no cache: the kernel's own causal mask
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         if T == 1:  # one new token sees every cached key: no mask needed
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=past)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout)
 
 
 ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
@@ -262,7 +267,9 @@ class GPT(nn.Module):
             raise ValueError(
                 f"input of length {past + T} is longer than block_size={self.config.block_size}; "
                 f"crop it to its last {self.config.block_size} tokens")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+        # the range check reads the ids on the host: free on the CPU, a sync per step on a GPU, where
+        # ids are checked where they enter instead (tokenizers, prepared data, prompts)
+        if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             bad = sorted({int(i) for i in idx.flatten().tolist() if not 0 <= i < self.config.vocab_size})
             raise ValueError(
                 f"token ids {bad[:10]} are outside the vocabulary [0, {self.config.vocab_size})")

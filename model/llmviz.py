@@ -19,7 +19,7 @@ import torch
 from model import reference as ref
 from model.checkpoint import clean_state_dict, model_args_of
 from model.errors import UserError
-from model.gpt import GPTConfig
+from model.gpt import GPTConfig, causal_mask
 from model.tasks import SortTask
 
 SORT_SHAPE = {"vocab_size": 3, "block_size": 11}  # the visualisation's sorter: 6 letters from A, B, C
@@ -105,7 +105,7 @@ def mingpt_state(model):
         if key == "lm_head.weight":
             continue
         if ".attn." in key:
-            out.setdefault(key[:key.index(".attn.")] + ".attn.bias", torch.tril(torch.ones(T, T)).view(1, 1, T, T))
+            out.setdefault(key[:key.index(".attn.")] + ".attn.bias", causal_mask(T, T).float().view(1, 1, T, T))
         out[key] = value.detach().cpu()
     out["lm_head.weight"] = model.lm_head.weight.detach().cpu()
     return out

@@ -119,16 +119,18 @@ def plot_attention(model, tokens, ids, png_path):
 
 def make_plots(out_dir, start=""):
     """loss.png and attention.png in out_dir, then report.md again with the plots linked. A model
-    not trained here (a GPT-2 folder) has no metrics: only its attention maps are drawn."""
+    not trained here (a GPT-2 folder, a converted checkpoint) has no metrics: only its attention
+    maps are drawn."""
     opened = open_model(out_dir=out_dir, quiet=True)
     out = opened.path if opened.path.is_dir() else opened.path.parent
     made = []
-    if (out / "metrics.jsonl").is_file() or opened.path.is_file():
+    if (out / "metrics.jsonl").is_file():
         made.append(plot_losses(out / "metrics.jsonl", out / "loss.png"))
     tokens, ids = opened.task.attention_prompt(opened.model, start)
     made.append(plot_attention(opened.model, tokens, ids, out / "attention.png"))
     if (out / "run.json").is_file():
-        made.append(write_report(out))
+        made.append(write_report(out, opened.model, opened.task, opened.ckpt["config"], opened.ckpt["iter_num"],
+                                 opened.device))
     return made
 
 

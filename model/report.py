@@ -5,8 +5,6 @@ again to link the plots it made."""
 import json
 from pathlib import Path
 
-from model.checkpoint import open_model
-
 PLOTS = {"loss.png": "loss curves", "attention.png": "attention maps"}
 
 
@@ -15,10 +13,10 @@ def write_run_summary(out_dir, summary):
     (Path(out_dir) / "run.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
 
 
-def summary_rows(opened, run):
-    args, task = opened.model.config, opened.task
-    rows = [("task", task.describe(opened.ckpt["config"])),
-            ("model", f"{opened.model.num_params():,} parameters: n_layer {args.n_layer}, n_head {args.n_head}, "
+def summary_rows(model, task, config, run):
+    args = model.config
+    rows = [("task", task.describe(config)),
+            ("model", f"{model.num_params():,} parameters: n_layer {args.n_layer}, n_head {args.n_head}, "
                       f"n_embd {args.n_embd}, block_size {args.block_size}"),
             ("device", f"{run['device']}, {run['dtype']}, {run['processes']} "
                        f"process{'es' if run['processes'] > 1 else ''}"),
@@ -33,20 +31,20 @@ def summary_rows(opened, run):
     return rows + task.report_rows(run)
 
 
-def write_report(out_dir):
-    """Write out_dir/report.md from out_dir's checkpoint, run.json and the plots found there."""
+def write_report(out_dir, model, task, config, iter_num, device):
+    """Write out_dir/report.md for the model at iteration iter_num (on `device`) with its task and
+    the run's config (a dict), from out_dir/run.json and the plots found there."""
     out = Path(out_dir)
-    opened = open_model(out_dir=out, quiet=True)
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     lines = [f"# Run report: {out_dir}", "", "| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary_rows(opened, run)]
-    lines += ["", f"## Samples (from ckpt.pt, iteration {opened.ckpt['iter_num']})", "", "```text"]
-    lines += [opened.task.demo(opened.model, opened.device), "```", "", "## Plots", ""]
+    lines += [f"| {k} | {v} |" for k, v in summary_rows(model, task, config, run)]
+    lines += ["", f"## Samples (the model at iteration {iter_num})", "", "```text"]
+    lines += [task.demo(model, device), "```", "", "## Plots", ""]
     found = [name for name in PLOTS if (out / name).is_file()]
     lines += [f"![{PLOTS[name]}]({name})" for name in found] or [
         f"None yet: `pip install -e \".[plots]\"`, then `python -m model.plots --out_dir={out_dir}`."]
     lines += ["", "## Config", "", "```python"]
-    lines += [f"{k} = {v!r}" for k, v in opened.ckpt["config"].items()] + ["```", ""]
+    lines += [f"{k} = {v!r}" for k, v in config.items()] + ["```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

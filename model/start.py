@@ -12,7 +12,7 @@ import torch.distributed as dist
 from model.checkpoint import config_of, find_checkpoint, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
 from model.config import MODEL_FIELDS, format_config
 from model.errors import UserError
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT, RUN_FIELDS, GPTConfig
 from model.runtime import Runtime, setup_runtime
 from model.tasks import task_for_training
 
@@ -116,8 +116,7 @@ def build_model(cfg, start, task):
     """The GPT for the task: new (seeded), or the checkpoint's weights; a fine-tune crops the
     position embeddings to the task's block size and grows the vocabulary."""
     args = {k: getattr(cfg, k) for k in MODEL_FIELDS} if start.mode == "scratch" else dict(start.model_args)
-    args.update(dropout=cfg.dropout, attention=cfg.attention, block_size=task.block_size,
-                vocab_size=task.model_vocab_size)
+    args.update({k: getattr(cfg, k) for k in RUN_FIELDS}, block_size=task.block_size, vocab_size=task.model_vocab_size)
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**args))
     if start.ckpt is not None:

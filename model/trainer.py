@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model.checkpoint import model_args_of, record_latest, save_checkpoint, write_meta
+from model.errors import UserError
 from model.report import write_report, write_run_summary
 from model.runtime import autocast_context, end_processes, peak_memory_mb, reduce_across_ranks
 from model.schedule import get_lr
@@ -68,8 +69,16 @@ def micro_batches(run, it):
     out = []
     for m in range(rt.rank * per_rank, (rt.rank + 1) * per_rank):
         x, y = run.task.get_batch("train", cfg.batch_size, torch.Generator().manual_seed(derived_seed(cfg.seed, it, m)))
-        out.append((x.to(rt.device), y.to(rt.device)))
+        out.append((to_device(x, rt), to_device(y, rt)))
     return out
+
+
+def to_device(t, rt):
+    """A batch tensor onto the run's device. On CUDA from pinned memory, without waiting for the
+    copy: the host goes on to queue the step while the batch travels."""
+    if rt.device_type == "cuda":
+        return t.pin_memory().to(rt.device, non_blocking=True)
+    return t.to(rt.device)
 
 
 # ---- evaluation, logging, checkpoints -----------------------------------------------------
@@ -81,14 +90,14 @@ def estimate_losses(run, autocast):
     model.eval()
     out = {}
     for split in ("train", "val"):
-        losses = []
+        total = 0.0
         for k in range(cfg.eval_iters):
             g = torch.Generator().manual_seed(derived_seed(cfg.seed, -1, k))
             x, y = run.task.get_batch(split, cfg.batch_size, g)
             with autocast:
-                _, loss = model(x.to(run.rt.device), y.to(run.rt.device))
-            losses.append(loss.item())
-        out[f"{split}_loss"] = sum(losses) / len(losses)
+                _, loss = model(to_device(x, run.rt), to_device(y, run.rt))
+            total = total + loss.float()
+        out[f"{split}_loss"] = total.item() / cfg.eval_iters  # one read of the device per split
     model.train()
     return out
 
@@ -99,10 +108,14 @@ def evaluate(run, autocast):
     return ev
 
 
+def run_config(run):
+    """The run's config as the checkpoint and the report keep it. nanoGPT's sample.py reads
+    data/<config['dataset']>/meta.pkl; an absolute path there names out_dir."""
+    return {**asdict(run.cfg), "dataset": str(Path(run.cfg.out_dir).resolve())}
+
+
 def checkpoint_dict(run):
     model_args, model_extra = model_args_of(run.model.config)
-    # nanoGPT's sample.py reads data/<config['dataset']>/meta.pkl; an absolute path names out_dir
-    config = {**asdict(run.cfg), "dataset": str(Path(run.cfg.out_dir).resolve())}
     return {
         "model": run.model.state_dict(),
         "model_args": model_args,  # exactly nanoGPT's GPTConfig fields
@@ -110,18 +123,25 @@ def checkpoint_dict(run):
         "optimizer": run.optimizer.state_dict(),
         "iter_num": run.iter_num,
         "best_val_loss": run.best_val_loss,
-        "config": config,
+        "config": run_config(run),
         "tokenizer": run.task.tokenizer.to_dict(),
         "task": run.task.state(),
     }
 
 
 def save(run):
-    """Write out_dir/ckpt.pt (rank 0 only) and remember which iteration is on disk."""
+    """Write out_dir/ckpt.pt (rank 0 only) and remember which iteration is on disk. A write that
+    fails (a full disk) says which checkpoint is still intact."""
     path = Path(run.cfg.out_dir) / "ckpt.pt"
-    save_checkpoint(checkpoint_dict(run), path)
-    write_meta(run.task.tokenizer, path.parent / "meta.pkl")
-    record_latest(path)
+    try:
+        save_checkpoint(checkpoint_dict(run), path)
+        write_meta(run.task.tokenizer, path.parent / "meta.pkl")
+        record_latest(path)
+    except UserError as e:
+        kept = (f"{path} still holds iteration {run.saved_iter}, intact" if run.saved_iter is not None else
+                "no checkpoint of this run was saved before")
+        raise UserError(f"{e} (saving iteration {run.iter_num}); {kept}. Free some space or choose another "
+                        f"--out_dir, then continue with --init_from=resume") from None
     run.saved_iter = run.iter_num
     return path
 
@@ -134,11 +154,17 @@ class MetricsLog:
         self.file = open(self.path, "a" if append else "w", encoding="utf-8")
 
     def write(self, **row):
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror or e}") from None
 
     def close(self):
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # a failed write was reported already; its lost line cannot be written now
+            pass
 
 
 class StopRequest:
@@ -178,16 +204,20 @@ class Progress:
         self.summary = {"stopped": "max_iters", "checkpoint": None, "loss": None}
         self.tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * run.task.block_size
         self.start = self.last = time.time()
+        self.last_iter = run.iter_num  # the clock's iteration at self.last
         self.shown = {}  # the latest accuracies, for the bar
 
+    def logs(self, run):
+        """Whether this iteration's loss is logged: every log_interval, and the first."""
+        return run.iter_num % run.cfg.log_interval == 0 or run.iter_num == 1
+
     def step(self, run, loss, lr):
-        now = time.time()
-        tok_s = self.tokens_per_iter / max(now - self.last, 1e-9)
-        self.last = now
+        """The loss read at this iteration: the bar, the log (on log iterations), tokens/s since the last read."""
+        now, it = time.time(), run.iter_num
+        tok_s = self.tokens_per_iter * (it - self.last_iter) / max(now - self.last, 1e-9)
+        self.last, self.last_iter = now, it
         self.summary["loss"] = loss
-        self.bar.update(1)
-        it = run.iter_num
-        if self.log and (it % run.cfg.log_interval == 0 or it == 1):
+        if self.log and self.logs(run):
             self.log.write(iter=it, loss=loss, lr=lr, tokens_per_s=tok_s, time_s=now - self.start)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", **self.shown, refresh=False)
 
@@ -229,16 +259,20 @@ def train_loop(run):
                 torch.manual_seed(derived_seed(cfg.seed, it, rt.rank))  # dropout
                 lr = get_lr(it, cfg)
                 loss = train_step(model, run.optimizer, micro_batches(run, it), lr, cfg.grad_clip, autocast, scaler)
-                loss, stop_now = reduce_across_ranks(rt, loss.item(), stop.requested)
-                check_finite(loss, it, cfg)
                 run.iter_num += 1
-                progress.step(run, loss, lr)
-                if stop_now:
-                    progress.summary["stopped"] = "interrupted"
-                    break
-                if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters:
-                    if evaluate_and_save(run, progress, autocast):
+                progress.bar.update(1)
+                at_eval = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
+                # the loss is read from the device (a sync on a GPU) only to log, evaluate or stop, as nanoGPT
+                # does; all processes read at the same iterations, so a Ctrl-C waits for the next of them
+                if at_eval or progress.logs(run) or (stop.requested and not rt.ddp):
+                    loss, stop_now = reduce_across_ranks(rt, loss.item(), stop.requested)
+                    check_finite(loss, it, cfg)
+                    progress.step(run, loss, lr)
+                    if stop_now:
+                        progress.summary["stopped"] = "interrupted"
                         break
+                if at_eval and evaluate_and_save(run, progress, autocast):
+                    break
             save_final(run, progress.summary)
     finally:
         progress.close()
@@ -261,7 +295,7 @@ def evaluate_and_save(run, progress, autocast):
     run.best_val_loss = min(run.best_val_loss, ev["val_loss"])
     if run.rt.master and (improved or run.cfg.always_save_checkpoint):
         progress.summary["checkpoint"] = str(save(run))
-    progress.last = time.time()  # tokens/s counts training steps, not evaluation
+    progress.last, progress.last_iter = time.time(), run.iter_num  # tokens/s counts training steps, not evaluation
     solved = run.task.solved(ev)
     if run.cfg.stop_at_full_accuracy and solved:
         progress.summary["stopped"] = solved
@@ -288,7 +322,8 @@ def finish(run, progress):
                                             "dtype": str(rt.dtype).replace("torch.", ""),
                                             "loop_started_at": progress.start,
                                             "peak_memory_mb": peak_memory_mb(rt.device_type)})
-        summary["report"] = str(write_report(run.cfg.out_dir))
+        summary["report"] = str(write_report(run.cfg.out_dir, run.model, run.task, run_config(run), run.iter_num,
+                                             rt.device))
         print(f"stopped after {run.iter_num} iterations ({summary['stopped']}) in {summary['wall_s']:.1f}s; "
               f"checkpoint: {summary['checkpoint']}; report: {summary['report']}")
     return summary

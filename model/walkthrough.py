@@ -30,6 +30,7 @@ from model import reference as ref
 from model.checkpoint import open_model
 from model.config import WalkthroughConfig, load_config, run_command
 from model.errors import UserError
+from model.gpt import causal_mask
 from model.tokenizer import visible
 
 TOLERANCE = 1e-9  # |reference - torch| <= TOLERANCE * (1 + |torch|), both float64
@@ -199,7 +200,7 @@ def torch_values(model, ids, temps):
             handle.remove()
     nh, C = model.config.n_head, model.config.n_embd
     hs, T = C // nh, len(ids)
-    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    allowed = causal_mask(T, T)
     post = model.config.norm == "post"
     for i in range(model.config.n_layer):
         # the residual sums are the inputs of the LayerNorms (post-LN), or of LN 2 and the block's output (pre-LN)
@@ -210,7 +211,7 @@ def torch_values(model, ids, temps):
         for h in range(nh):
             qh, kh, vh = (t[:, h * hs:(h + 1) * hs] for t in (q, k, v))
             qk = qh @ kh.T
-            masked = (qk / math.sqrt(hs)).masked_fill(future, float("-inf"))
+            masked = (qk / math.sqrt(hs)).masked_fill(~allowed, float("-inf"))
             att = torch.softmax(masked, dim=-1)
             found.update({f"layer{i}.head{h}.q": qh, f"layer{i}.head{h}.k": kh, f"layer{i}.head{h}.v": vh,
                           f"layer{i}.head{h}.qk": qk, f"layer{i}.head{h}.scores": qk / math.sqrt(hs),
