@@ -271,7 +271,7 @@ class TextTask:
         streams as it comes; the others print when they are done."""
         tok = self.tokenizer
         if tok is None:
-            ids, decode = prompt_ids(prompt), lambda row: " ".join(str(i) for i in row)
+            ids, decode = prompt_ids(prompt, model.config.vocab_size), lambda row: " ".join(str(i) for i in row)
             stream = lambda t: print(f" {t[0].item()}", end="", flush=True)  # noqa: E731
             finish = str
         else:
@@ -296,12 +296,16 @@ class TextTask:
         print()
 
 
-def prompt_ids(prompt):
-    """Without a vocabulary the prompt is token ids ('1 5 2'); none given: token 0."""
+def prompt_ids(prompt, vocab_size):
+    """Without a vocabulary the prompt is token ids ('1 5 2'), each below vocab_size; none given: token 0."""
     try:
-        return [int(t) for t in prompt.split()] or [0]
+        ids = [int(t) for t in prompt.split()] or [0]
     except ValueError:
         raise UserError(f"without a vocabulary --start must be token ids like '1 5 2', got {prompt!r}") from None
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"--start has token ids {bad[:10]} outside the model's vocabulary [0, {vocab_size})")
+    return ids
 
 
 def checked_splits(data, block_size, val_fraction):

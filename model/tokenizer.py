@@ -320,24 +320,32 @@ def tokenizer_from_dict(d):
 class StreamDecoder:
     """Text for tokens as they come, whole characters only: a byte-level token can end inside a
     character (Chinese is 3 bytes in UTF-8), so text waits until its bytes are complete, and no
-    U+FFFD replacement character is ever printed for one cut in two."""
+    U+FFFD replacement character is ever printed for one cut in two.
+
+    Each step decodes only a short window of recent ids (from `prefix`, a few tokens back, to the
+    end), not the whole sample: time linear in the sample's length. The window starts a little
+    before the new text so that the decoder sees each token's neighbours (WordPiece's spaces,
+    BERT's Chinese spacing) as it would in the whole text."""
 
     def __init__(self, tokenizer, ids=()):
         self.tokenizer, self.ids = tokenizer, list(ids)
-        self.shown = tokenizer.decode(self.ids)
+        self.prefix = max(0, len(self.ids) - 1)  # the window's start
+        self.read = len(self.ids)  # ids before this are shown
 
     def add(self, token_id):
         """The text this token completes ('' while a character is still unfinished)."""
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
+        shown = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if text.endswith("\ufffd") or len(text) <= len(shown) or not text.startswith(shown):
             return ""
-        new, self.shown = text[len(self.shown):], text
-        return new
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(shown):]
 
     def flush(self):
         """At the end: whatever is still held back (bytes that never completed a character show
         as U+FFFD, as they would in the whole text's decoding)."""
-        text = self.tokenizer.decode(self.ids)
-        new, self.shown = text[len(self.shown):] if text.startswith(self.shown) else "", text
-        return new
+        shown = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(shown):] if text.startswith(shown) else ""

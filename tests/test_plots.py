@@ -87,3 +87,17 @@ def test_text_plots_and_bad_prompt(trained_chinese, tmp_path, capsys):
     assert png_size(run / "attention.png")[0] >= 400
     assert plots_main([f"--out_dir={run}", "--start=hello"]) == 2
     assert "--start has characters the model does not know: 'helo'" in capsys.readouterr().err
+
+
+def test_a_converted_checkpoint_without_metrics_gets_attention_maps_only(tmp_path, capsys):
+    """Bug: a checkpoint converted from nanoGPT, minGPT or the visualisation (no metrics.jsonl) stops
+    with 'metrics.jsonl not found' instead of drawing its attention maps."""
+    pytest.importorskip("matplotlib")
+    from conftest import ROOT
+    from model.convert import main as convert_main
+    assert convert_main([str(ROOT / "tests" / "data" / "llm-viz" / "gpt-nano-sort-model.json"),
+                         str(tmp_path / "viz")]) == 0
+    capsys.readouterr()
+    assert plots_main([f"--out_dir={tmp_path / 'viz'}", "--start=CBABBC"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "viz" / "attention.png")], "no metrics, no loss curves"
+    assert png_size(tmp_path / "viz" / "attention.png")[0] >= 600

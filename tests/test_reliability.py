@@ -1,6 +1,8 @@
 """What a user's mistake or an accident does: a clear message naming the problem and the fix,
 and nothing the user had is lost."""
 
+import errno
+import io
 import json
 import os
 import pickle
@@ -79,6 +81,8 @@ def test_nanogpt_checkpoint_loads_with_a_notice_and_meta_pkl(tmp_path, capsys):
                             "--max_new_tokens=5", "--num_samples=1"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("ab") and set(text) <= set("\nabcd")
+    assert sample_cli.main([f"--ckpt={path}", "--start=1 7"]) == 2, "ids are checked where they enter"
+    assert "error: --start has token ids [7] outside the model's vocabulary [0, 5)" in capsys.readouterr().err
 
 
 def test_meta_pkl_cannot_run_code(tmp_path):
@@ -152,6 +156,45 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(in_tmp, capsys):
     assert code == 1 and re.search(r"the loss became (nan|inf) at iteration \d+; training stopped", err), err
     assert "Try a lower --learning_rate" in err
     assert (in_tmp / "run" / "ckpt.pt").read_bytes() == before, "the last good checkpoint is untouched"
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with `room` bytes left: a write past them fails as the system's would (ENOSPC)."""
+
+    def __init__(self, path, mode, room):
+        super().__init__(path, mode)
+        self.room = room
+
+    def write(self, b):
+        if len(b) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(b)
+        return super().write(b)
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(in_tmp, monkeypatch, capsys):
+    """Bug: the disk filling up while a checkpoint is written ends in torch's RuntimeError traceback
+    ("unexpected pos ..."), or leaves a half-written ckpt.pt.tmp behind to fill the disk further."""
+    import model.checkpoint as checkpoint
+    saves = []
+
+    def open_on_a_filling_disk(path, mode="r", *a, **kw):
+        if str(path).endswith("ckpt.pt.tmp"):
+            saves.append(path)
+            if len(saves) == 2:  # the second save (iteration 4) finds the disk nearly full
+                return FullDisk(path, mode, room=5000)
+        return open(path, mode, *a, **kw)
+
+    monkeypatch.setattr(checkpoint, "open", open_on_a_filling_disk, raising=False)
+    code = train_cli.main(train_args("chinese.py", "run", *SMALL, "--max_iters=6", "--eval_interval=2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(saves) == 2, err
+    assert re.fullmatch(r"error: cannot write \S*run/ckpt.pt: No space left on device \(saving iteration 4\); "
+                        r"\S*run/ckpt.pt still holds iteration 2, intact\. Free some space or choose another "
+                        r"--out_dir, then continue with --init_from=resume", err[-1]), err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert load_checkpoint(in_tmp / "run" / "ckpt.pt")["iter_num"] == 2, "the last good checkpoint still loads"
+    assert not list((in_tmp / "run").glob("*.tmp")), "no partial file left to fill the disk further"
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):

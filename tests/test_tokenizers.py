@@ -110,6 +110,33 @@ def test_stream_decoding_never_shows_a_replacement_character(bpe):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+class CountingDecoder:
+    """A tokenizer whose decode() records how many ids it was given each time."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def decode(self, ids):
+        self.lengths.append(len(ids))
+        return self.tok.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "wordpiece"])
+def test_stream_decoding_is_linear_and_equals_the_whole_decode(kind, bpe, files):
+    """Bug: the streamer decodes the whole sample again for each new token (quadratic in its
+    length), or its window cuts text the whole decode would join (WordPiece spaces, BERT's Chinese)."""
+    text = {"char": CORPUS, "bpe": CORPUS, "wordpiece": "白日依山尽,黄河入海流。天行健 and writes 君子以自强不息 in 2024."}[kind]
+    tok = {"char": CharTokenizer.from_text(CORPUS), "bpe": bpe,
+           "wordpiece": load_tokenizer_files(files / "bert" / "vocab.txt")}[kind]
+    ids = (tok.encode(text) * 40)[:3000]
+    k = next(k for k in range(5, 20) if not tok.decode(ids[:k]).endswith("\ufffd"))  # a prompt of whole characters
+    counting = CountingDecoder(tok)
+    stream = StreamDecoder(counting, ids[:k])
+    streamed = "".join(stream.add(i) for i in ids[k:]) + stream.flush()
+    assert tok.decode(ids[:k]) + streamed == tok.decode(ids)
+    assert max(counting.lengths) <= 8, "each step decodes a few recent ids, not the whole sample"
+
+
 def test_token_labels_show_bytes_when_a_token_is_not_text(bpe):
     partial = [i for i in range(bpe.vocab_size) if "\ufffd" in bpe.decode([i])]
     assert partial, "a byte-level vocabulary has tokens that are parts of characters"
@@ -188,6 +215,32 @@ def test_prepared_files_equal_the_whole_text_encoded_at_once(kind, tmp_path, mon
     n_val = int(len(whole) * 0.1)
     assert np.array_equal(task.data["train"], whole[:len(whole) - n_val]), f"{kind}: train.bin differs"
     assert np.array_equal(task.data["val"], whole[len(whole) - n_val:]), f"{kind}: val.bin is not the text's end"
+
+
+def test_val_is_the_end_of_the_text_and_shares_nothing_with_train(tmp_path):
+    """Bug: val cut from the text's start while train keeps the start too (val overlaps train). A
+    text of distinct lines: no stretch of it repeats, so a split taken from the wrong place shows."""
+    text = "".join(f"{i:04d} {'天地玄黄宇宙洪荒'[i % 8]}\n" for i in range(2000))
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    task = prepared_task(tmp_path, tmp_path / "t.txt")
+    whole = np.array(task.tokenizer.encode(text))
+    n_val = int(len(whole) * 0.1)
+    assert np.array_equal(task.data["val"], whole[-n_val:]), "val.bin is the text's last tenth"
+    assert np.array_equal(task.data["train"], whole[:-n_val]), "train.bin is the rest, from the start"
+    val_lines = set(task.tokenizer.decode(task.data["val"]).splitlines()[1:])  # whole lines only
+    assert val_lines and not val_lines & set(task.tokenizer.decode(task.data["train"]).splitlines())
+
+
+def test_a_new_tokenizer_or_vocab_size_prepares_the_text_again(tmp_path):
+    """Bug: prepared ids reused after the tokenizer or vocab_size changed (the settings check
+    skipped): training would read ids of another vocabulary, silently."""
+    (tmp_path / "t.txt").write_text(CORPUS, encoding="utf-8")
+    for flags in ({}, {"tokenizer": "bpe", "vocab_size": 300}, {"tokenizer": "bpe", "vocab_size": 350}, {}):
+        task = prepared_task(tmp_path, tmp_path / "t.txt", **flags)
+        assert task.tokenizer.kind == flags.get("tokenizer", "char") and task.tokenizer.vocab_size == flags.get(
+            "vocab_size", len(set(CORPUS))), f"{flags}: the prepared text's tokenizer is an earlier run's"
+        ids = np.concatenate([task.data["train"], task.data["val"]])
+        assert np.array_equal(ids, task.tokenizer.encode(CORPUS)), f"{flags}: ids of another vocabulary"
 
 
 def test_reuse_reads_nothing_and_a_touched_file_is_hashed_not_prepared(tmp_path, monkeypatch):

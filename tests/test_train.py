@@ -6,7 +6,7 @@ import json
 import torch
 
 import train as train_cli
-from conftest import ROOT, assert_writes_each_line, run_training, working_dir
+from conftest import ROOT, assert_writes_each_line, run_training, train_args, working_dir
 from model.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
 
 CORPUS = (ROOT / "data" / "chinese" / "input.txt").read_text(encoding="utf-8")
@@ -80,3 +80,60 @@ def test_train_cli_reports_user_errors(capsys, in_tmp):
 def test_resume_without_checkpoint_says_so(capsys, in_tmp):
     assert train_cli.main([str(ROOT / "configs" / "sort.py"), "--out_dir=empty", "--init_from=resume"]) == 2
     assert "checkpoint empty/ckpt.pt not found" in capsys.readouterr().err
+
+
+def test_micro_batches_of_a_step_differ_and_are_those_their_seeds_give(tmp_path):
+    """Bug: the micro-step index dropped from the batch seed, so every micro-batch of an iteration is
+    the same batch (gradient accumulation then averages one batch with itself)."""
+    from model.config import TrainConfig, load_config
+    from model.start import prepare_run
+    from model.trainer import derived_seed, micro_batches
+    cfg = load_config(TrainConfig, train_args("chinese.py", tmp_path / "run", "--n_layer=1", "--n_embd=16",
+                                              "--n_head=2", "--block_size=8", "--gradient_accumulation_steps=3"))
+    with working_dir(tmp_path):
+        run = prepare_run(cfg)
+    batches = micro_batches(run, 7)
+    assert len(batches) == 3
+    for m, (x, y) in enumerate(batches):
+        ex, ey = run.task.get_batch("train", cfg.batch_size, torch.Generator().manual_seed(derived_seed(cfg.seed, 7, m)))
+        assert torch.equal(x, ex) and torch.equal(y, ey), f"micro-batch {m} is not the one seeded (seed, 7, {m})"
+    assert not torch.equal(batches[0][0], batches[1][0]) and not torch.equal(batches[1][0], batches[2][0])
+    assert not torch.equal(micro_batches(run, 8)[0][0], batches[0][0]), "each iteration draws new batches"
+
+
+def test_the_loop_reads_the_loss_only_to_log_evaluate_or_stop(tmp_path, monkeypatch):
+    """Bug: loss.item() on every iteration (a host-device sync per step on a GPU, which nanoGPT
+    avoids): the loss is read at iteration 1, every log_interval, and at evaluations."""
+    import model.trainer as trainer
+    read_at = []
+    real = trainer.reduce_across_ranks
+
+    def recording(rt, loss, stop):
+        read_at.append(len(steps))
+        return real(rt, loss, stop)
+
+    steps = []
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **kw: steps.append(1) or real_step(*a, **kw))
+    monkeypatch.setattr(trainer, "reduce_across_ranks", recording)
+    with working_dir(tmp_path):
+        run_training("chinese.py", tmp_path / "run", "--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=8",
+                     "--eval_iters=1", "--max_iters=12", "--log_interval=5", "--eval_interval=6")
+    assert read_at == [1, 5, 6, 10, 12]
+
+
+def test_the_report_is_written_from_the_run_in_memory(tmp_path, monkeypatch):
+    """Bug: the report reloads the checkpoint from disk through the generic opener (GPT-2 folder
+    detection, tokenizer files) though the model, tokenizer and task are in memory."""
+    import model.checkpoint as checkpoint
+
+    def no_reading(*a, **kw):
+        raise AssertionError("a checkpoint was read back from disk")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", no_reading)
+    monkeypatch.setattr(checkpoint, "open_model", no_reading)
+    with working_dir(tmp_path):
+        summary = run_training("chinese.py", tmp_path / "run", "--n_layer=1", "--n_embd=16", "--n_head=2",
+                               "--block_size=8", "--eval_iters=1", "--max_iters=2", "--eval_interval=2")
+    report = (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
+    assert summary["report"].endswith("report.md") and "## Samples (the model at iteration 2)" in report
