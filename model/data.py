@@ -32,16 +32,18 @@ class TextSource:
     files: list
 
     @classmethod
-    def at(cls, path):
+    def at(cls, path, suffix=".txt"):
+        """The file at `path`, or the `suffix` files in the folder at `path` (and below it), in order."""
         p = Path(path)
         if p.is_dir():
-            files = sorted(p.rglob("*.txt"))
+            files = sorted(p.rglob(f"*{suffix}"))
             if not files:
-                raise UserError(f"folder {path} holds no .txt files")
+                raise UserError(f"folder {path} holds no {suffix} files")
         elif p.is_file():
             files = [p]
         else:
-            raise UserError(f"data {path} not found: give a UTF-8 text file or a folder of .txt files")
+            kind = "text" if suffix == ".txt" else suffix
+            raise UserError(f"data {path} not found: give a UTF-8 {kind} file or a folder of {suffix} files")
         return cls(files)
 
     def stamp(self):
@@ -150,23 +152,28 @@ def prepare(source, tokenizer, prepared_dir, val_fraction, settings):
             np.memmap(tmp, dtype=dtype, mode="r")[n - n_val:].tofile(f)
     os.truncate(tmp, (n - n_val) * np.dtype(dtype).itemsize)
     os.replace(tmp, prepared_dir / "train.bin")
-    meta = {"settings": settings, "stamp": source.stamp(), "sha256": hasher.hexdigest(), "dtype": np.dtype(dtype).name,
-            "tokenizer": tokenizer.to_dict()}
-    meta_path.write_text(json.dumps(meta, ensure_ascii=False))
+    write_meta(prepared_dir, source, hasher, settings, tokenizer, dtype)
     seconds = time.perf_counter() - start
     print(f"prepared {source.size / 1e6:.1f} MB of text into {n:,} tokens in {seconds:.1f}s "
           f"({source.size / 1e6 / max(seconds, 1e-9):.1f} MB/s): {prepared_dir}", file=sys.stderr)
     return open_splits(prepared_dir, dtype)
 
 
-def reuse(source, prepared_dir, settings):
-    """(tokenizer data, splits) from an earlier preparation of the same text with the same
-    settings, or None. The text is read (to hash it) only when its sizes or mtimes changed."""
+def write_meta(prepared_dir, source, hasher, settings, tokenizer, dtype):
+    """meta.json, written last: what was prepared, from which files, with which settings and tokenizer."""
+    meta = {"settings": settings, "stamp": source.stamp(), "sha256": hasher.hexdigest(), "dtype": np.dtype(dtype).name,
+            "tokenizer": tokenizer.to_dict()}
+    (prepared_dir / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
+
+
+def reuse(source, prepared_dir, settings, files=("train.bin", "val.bin")):
+    """meta.json of an earlier preparation of the same text with the same settings (its `files`
+    all there), or None. The text is read (to hash it) only when its sizes or mtimes changed."""
     meta_path = prepared_dir / "meta.json"
     if not meta_path.is_file():
         return None
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("settings") != settings or not all((prepared_dir / f"{s}.bin").is_file() for s in ("train", "val")):
+    if meta.get("settings") != settings or not all((prepared_dir / name).is_file() for name in files):
         return None
     if meta["stamp"] != source.stamp():
         hasher = hashlib.sha256()
@@ -176,7 +183,7 @@ def reuse(source, prepared_dir, settings):
             return None
         meta["stamp"] = source.stamp()
         meta_path.write_text(json.dumps(meta, ensure_ascii=False))
-    return meta["tokenizer"], open_splits(prepared_dir, meta["dtype"])
+    return meta
 
 
 def open_splits(prepared_dir, dtype):
