@@ -1,7 +1,8 @@
 """Sample from a trained model: python sample.py --temperature 0.8
 
 With no --out_dir or --ckpt it uses the checkpoint train.py wrote last. Sort checkpoints:
---start CBABBC prints its answer; --eval scores every possible input.
+--start CBABBC prints its answer; --eval scores every possible input. Models trained on .jsonl
+pairs or conversations: --start="question" prints the reply; --chat is a conversation.
 """
 
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 from model.checkpoint import open_model
 from model.config import SampleConfig, load_config, run_command
 from model.errors import UserError
+from model.tasks import ChatTask
 
 
 def read_prompt(start):
@@ -24,6 +26,9 @@ def read_prompt(start):
 def sample(argv):
     cfg = load_config(SampleConfig, argv)
     opened = open_model(cfg.out_dir, cfg.ckpt, cfg.device, cfg.meta)
+    if (cfg.chat or cfg.system) and not isinstance(opened.task, ChatTask):
+        raise UserError(f"{opened.path} was not trained to answer (it is a {opened.task.state()['type']} model); "
+                        f"--chat and --system need one trained on .jsonl pairs or conversations")
     vocab, ids = opened.tokenizer, opened.model.config.vocab_size
     if vocab is None:
         print("notice: this checkpoint has no vocabulary (a nanoGPT checkpoint keeps it in meta.pkl); "

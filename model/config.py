@@ -49,13 +49,13 @@ class TrainConfig(ModelOptions):
     always_save_checkpoint: bool = True  # False: save only when the val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir's checkpoint), or a checkpoint/out_dir to fine-tune
     # data
-    task: str = "text"  # 'text' (a UTF-8 file or a folder of .txt files) or 'sort'
-    data: str = "data/chinese"
-    val_fraction: float = 0.1  # text: the end of the text held out for validation (0: evaluate on the training text)
+    task: str = "text"  # 'text' (a UTF-8 file or a folder of .txt files), 'sort', or 'chat' (a .jsonl file picks it)
+    data: str = "data/chinese"  # text: .txt; chat: .jsonl of {"prompt", "completion"} or {"messages": [...]}
+    val_fraction: float = 0.1  # held out: the end of a text, a seeded share of chat examples (0: none)
     sort_length: int = 6  # sort: letters per input
     sort_alphabet: str = "ABC"
     sort_holdout: float = 0.2  # sort: fraction of all inputs never trained on
-    stop_at_full_accuracy: bool = True  # sort: stop once every held-out input is sorted right
+    stop_at_full_accuracy: bool = True  # sort, chat pairs: stop once every held-out answer is exactly right
     batch_size: int = 12
     block_size: int = 64  # sort: follows from sort_length; fine-tune: 0 keeps the base model's
     tokenizer: str = "char"  # text: 'char', 'bpe' (byte-level BPE trained on the text), or a tokenizer's path
@@ -117,6 +117,8 @@ class SampleConfig:
     eval: bool = False  # sort checkpoints: exact-match accuracy over every input
     kv_cache: bool = True
     meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
+    chat: bool = False  # models trained on .jsonl: a conversation in the terminal
+    system: str = ""  # models trained on .jsonl: a system message before the conversation
 
     def validate(self):
         if self.temperature < 0:

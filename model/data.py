@@ -159,10 +159,10 @@ def prepare(source, tokenizer, prepared_dir, val_fraction, settings):
     return open_splits(prepared_dir, dtype)
 
 
-def write_meta(prepared_dir, source, hasher, settings, tokenizer, dtype):
+def write_meta(prepared_dir, source, hasher, settings, tokenizer, dtype, **extra):
     """meta.json, written last: what was prepared, from which files, with which settings and tokenizer."""
     meta = {"settings": settings, "stamp": source.stamp(), "sha256": hasher.hexdigest(), "dtype": np.dtype(dtype).name,
-            "tokenizer": tokenizer.to_dict()}
+            "tokenizer": tokenizer.to_dict(), **extra}
     (prepared_dir / "meta.json").write_text(json.dumps(meta, ensure_ascii=False))
 
 

@@ -34,7 +34,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=1.0, generator=
 
 @torch.inference_mode()  # no autograd bookkeeping at all: a few percent faster than no_grad when decoding
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
-             generator=None, use_cache=True, on_token=None, vocab_limit=None, banned=None):
+             generator=None, use_cache=True, on_token=None, vocab_limit=None, banned=None, stop_id=None):
     """Extend idx (B, T) by max_new_tokens tokens -> (B, T + max_new_tokens).
 
     The model reads a window of at most block_size recent tokens. When the window is full it
@@ -43,12 +43,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
     recomputes the same window from scratch, giving the same tokens more slowly.
     on_token(ids (B, 1)) is called after each new token, for streaming. With vocab_limit, ids
     from vocab_limit on (a model's vocabulary padded past its tokenizer's) are never drawn, nor
-    are the `banned` ids (e.g. BERT's [CLS] and [SEP])."""
+    are the `banned` ids (e.g. BERT's [CLS] and [SEP]). With stop_id (an end-of-turn token), it
+    stops early once every row has written it (rows that ended first go on: cut them there)."""
     was_training = model.training
     model.eval()
     block_size = model.config.block_size
     start = max(0, idx.size(1) - block_size)  # where the window begins in idx
     cache = None
+    ended = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
         if idx.size(1) - start > block_size:
             start = idx.size(1) - max(1, block_size // 2)  # window full: keep its newer half
@@ -67,5 +69,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
         idx = torch.cat([idx, next_id], dim=1)
         if on_token is not None:
             on_token(next_id)
+        if stop_id is not None:
+            ended |= next_id[:, 0] == stop_id
+            if ended.all():
+                break
     model.train(was_training)
     return idx

@@ -7,8 +7,11 @@ plain data (so torch.load(weights_only=True) reads it and sample.py needs no oth
   BERT vocab.txt), through `tokenizers` too.
 
 Every kind has: vocab_size, encode(text, drop_unknown), decode(ids), unknown(text),
-start_ids(), label(id), model_vocab_size(), digest() and to_dict(). `tokenizers` is an
-optional extra (pip install -e ".[bpe]"): the char kind never needs it.
+start_ids(), label(id), model_vocab_size(), digest(), to_dict(), and special tokens:
+with_specials(names) and special_id(name). A special token (a chat template's role marker,
+an end-of-turn token) has an id of its own that no text ever encodes to: a text that spells
+"<|user|>" stays those characters. `tokenizers` is an optional extra (pip install -e ".[bpe]"):
+the char kind never needs it.
 """
 
 import hashlib
@@ -56,7 +59,7 @@ def characters(chunks):
 
 @dataclass
 class CharTokenizer:
-    itos: list  # id -> character
+    itos: list  # id -> character; an entry longer than one character is a special token
     stoi: dict = field(init=False, repr=False)  # character -> id
     kind = "char"
 
@@ -82,6 +85,13 @@ class CharTokenizer:
         new = sorted(set(chars) - set(self.itos))
         return CharTokenizer(self.itos + new)
 
+    def with_specials(self, names):
+        """This tokenizer with the special tokens `names` it lacks appended (every id kept)."""
+        return CharTokenizer(self.itos + [n for n in names if n not in self.stoi])
+
+    def special_id(self, name):
+        return self.stoi[name] if len(name) > 1 and name in self.stoi else None
+
     def start_ids(self):
         """Where a sample starts when no prompt is given: a newline (a fresh line) if the
         vocabulary has one, else its first character."""
@@ -104,7 +114,8 @@ class CharTokenizer:
         """encode() for large texts, in NumPy: -> int64 array. Unknown characters raise UserError."""
         if self._table is None:  # code point -> id, -1 where there is none
             self._table = np.full(0x110000, -1, dtype=np.int64)
-            self._table[[ord(ch) for ch in self.itos]] = np.arange(self.vocab_size)
+            chars = [(i, ch) for i, ch in enumerate(self.itos) if len(ch) == 1]  # never a special token
+            self._table[[ord(ch) for _, ch in chars]] = [i for i, _ in chars]
         ids = self._table[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)]
         if ids.size and ids.min() < 0:
             self.encode(text[int(np.argmin(ids))])  # raises with the character named
@@ -152,6 +163,7 @@ class HFTokenizer:
 
     def __init__(self, tok, kind):
         self.tok, self.kind = tok, kind
+        tok.encode_special_tokens = True  # text never encodes to a special token (not saved: set on every load)
         spec = json.loads(tok.to_str())
         self.byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
         self.wordpiece = (spec.get("model") or {}).get("type") == "WordPiece"
@@ -194,6 +206,19 @@ class HFTokenizer:
             if c and c not in vocab:
                 vocab[c], next_id = next_id, next_id + 1
         return HFTokenizer(hf().Tokenizer.from_str(json.dumps(spec)), self.kind)
+
+    def with_specials(self, names):
+        """This tokenizer with the special tokens `names` it lacks added after its ids."""
+        missing = [n for n in names if self.special_id(n) is None]
+        if not missing:
+            return self
+        tok = hf().Tokenizer.from_str(self.tok.to_str())
+        tok.add_special_tokens([hf().AddedToken(n, special=True, normalized=False) for n in missing])
+        return HFTokenizer(tok, self.kind)
+
+    def special_id(self, name):
+        """The id of the special (added) token `name`, or None."""
+        return next((i for i, t in self.tok.get_added_tokens_decoder().items() if t.content == name and t.special), None)
 
     def never_sampled(self):
         """BERT's special tokens ([CLS], [SEP], [PAD], [MASK], [UNK]) mark structure, not text."""

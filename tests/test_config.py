@@ -57,7 +57,7 @@ def test_missing_and_broken_config_files(tmp_path):
     ("--learning_rate=-1e-3", "learning_rate must be greater than 0, got -0.001"),
     ("--eval_interval=0", "eval_interval must be at least 1, got 0"),
     ("--dropout=1.5", "dropout must be in [0, 1), got 1.5"),
-    ("--task=poems", "task must be one of text, sort; got 'poems'"),
+    ("--task=poems", "task must be one of text, sort, chat; got 'poems'"),
 ])
 def test_impossible_values(arg, message):
     with pytest.raises(UserError) as e:

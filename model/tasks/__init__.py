@@ -7,14 +7,20 @@ run report, and the prompt of the attention plots. Batches are (x, y) pairs of (
 tensors, y being x shifted by one token, with -1 where no loss is taken.
 """
 
+from pathlib import Path
+
+from model.tasks.chat import ChatTask
 from model.tasks.sort import SortTask
 from model.tasks.text import TextTask
 
-TASKS = {"text": TextTask, "sort": SortTask}  # the default first
+TASKS = {"text": TextTask, "sort": SortTask, "chat": ChatTask}  # the default first
 
 
 def task_for_training(cfg, start):
-    return TASKS[cfg.task].for_training(cfg, start)
+    """The task cfg.task names; a .jsonl file (or a folder of them) as the text's data picks 'chat'."""
+    data = Path(cfg.data)
+    jsonl = data.suffix == ".jsonl" or (data.is_dir() and not any(data.rglob("*.txt")) and any(data.rglob("*.jsonl")))
+    return TASKS["chat" if cfg.task == "text" and jsonl else cfg.task].for_training(cfg, start)
 
 
 def task_from_checkpoint(ckpt, tokenizer, block_size):
@@ -22,4 +28,6 @@ def task_from_checkpoint(ckpt, tokenizer, block_size):
     state = ckpt.get("task") or {"type": "text"}
     if state["type"] == "sort":
         return SortTask.from_state(state)
+    if state["type"] == "chat":
+        return ChatTask.from_state(state, tokenizer, block_size, ckpt["model_args"]["vocab_size"])
     return TextTask(tokenizer, block_size, model_vocab_size=ckpt["model_args"]["vocab_size"])

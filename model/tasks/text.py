@@ -33,9 +33,7 @@ class TextTask:
         source = TextSource.at(cfg.data)
         if source.size == 0:
             raise UserError("the text is empty: give a file with at least a few hundred characters")
-        settings = {"tokenizer": cfg.tokenizer if start.mode == "scratch" else start.mode, "vocab_size": cfg.vocab_size,
-                    "base": start.tokenizer.digest() if start.tokenizer else None, "val_fraction": cfg.val_fraction,
-                    "drop_unknown": cfg.drop_unknown}
+        settings = prepare_settings(cfg, start)
         prepared = Path(cfg.out_dir) / "prepared"
         found = reuse(source, prepared, settings)
         if found is not None:
@@ -125,6 +123,13 @@ class TextTask:
         for row in out[1:]:
             print(f"\n{SEPARATOR}\n{decode(row.tolist())}", end="")
         print()
+
+
+def prepare_settings(cfg, start):
+    """What prepared files depend on besides the text: reused only when these are unchanged."""
+    return {"tokenizer": cfg.tokenizer if start.mode == "scratch" else start.mode, "vocab_size": cfg.vocab_size,
+            "base": start.tokenizer.digest() if start.tokenizer else None, "val_fraction": cfg.val_fraction,
+            "drop_unknown": cfg.drop_unknown}
 
 
 def prompt_ids(prompt, vocab_size):

@@ -1,0 +1,21 @@
+# A small character-level model that learns to answer: python train.py configs/chat.py, then
+# python sample.py --out_dir=out/chat --chat. Any .jsonl of {"prompt", "completion"} pairs or
+# {"messages": [...]} conversations works with --data=FILE.jsonl (size block_size to its longest).
+# The shipped conversations are few, so the model learns them by heart: nothing is held out.
+out_dir = "out/chat"
+data = "data/chat/conversations.jsonl"
+val_fraction = 0.0
+block_size = 128
+n_layer = 4
+n_head = 4
+n_embd = 128
+batch_size = 16
+learning_rate = 2e-3
+max_iters = 600
+lr_decay_iters = 600
+warmup_iters = 50
+min_lr = 2e-4
+eval_interval = 200
+eval_iters = 10
+log_interval = 20
+dropout = 0.0
