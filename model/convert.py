@@ -24,7 +24,7 @@ from model.config import load_config, run_command
 from model.errors import UserError
 from model.hf import write_folder
 from model.llmviz import MODEL_FILE, PARTIALS_FILE, read_model_json, read_state_dict, write_llmviz
-from model.tasks import task_from_checkpoint
+from model.tasks import SortTask, task_from_checkpoint
 
 USAGE = ("usage: python -m model.convert SOURCE DEST [--to=ours|hf|llmviz] [--meta=path/to/meta.pkl] [--n_head=N] "
          "[--start=CBABBC,...]")
@@ -102,11 +102,12 @@ def convert(source, dest, cfg):
         if any((Path(dest) / n).exists() for n in (MODEL_FILE, PARTIALS_FILE)):
             raise UserError(f"{dest} already holds the visualisation's files; choose another DEST (nothing is overwritten)")
         return write_llmviz(model, task_from_checkpoint(ckpt, tokenizer, model.config.block_size), dest, cfg.start)
-    if (ckpt.get("task") or {}).get("type", "text") != "text":
-        raise UserError(f"{path} is a {ckpt['task']['type']} model; a GPT-2 folder holds text models only")
+    task = task_from_checkpoint(ckpt, tokenizer, model.config.block_size)
+    if isinstance(task, SortTask):
+        raise UserError(f"{path} is a sort model; a GPT-2 folder holds text and chat models only")
     if any((Path(dest) / n).exists() for n in ("model.safetensors", "config.json", "tokenizer.json")):
         raise UserError(f"{dest} already holds a model; choose another DEST (nothing is overwritten)")
-    return write_folder(model, tokenizer, dest)
+    return write_folder(model, tokenizer, dest, getattr(task, "template", None))
 
 
 def convert_command(argv):

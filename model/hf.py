@@ -92,9 +92,8 @@ def hf_config(config, tokenizer):
            "activation_function": {"gelu_tanh": "gelu_new"}.get(config.activation, config.activation),
            "layer_norm_epsilon": config.layer_norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
            "scale_attn_weights": True, "tie_word_embeddings": True}
-    end = getattr(tokenizer, "tok", None) and tokenizer.tok.token_to_id("<|endoftext|>")
-    if end is not None:
-        out.update(bos_token_id=end, eos_token_id=end)
+    end = tokenizer.tok.token_to_id("<|endoftext|>")
+    out.update(bos_token_id=end, eos_token_id=end)  # None (not GPT2Config's default 50256) when there is none
     return out
 
 
@@ -111,18 +110,21 @@ def hf_weights(model):
 
 def char_tokenizer_json(tokenizer):
     """A character vocabulary as a tokenizers `tokenizer.json`: every character its own token,
-    the same ids, decoded by joining them."""
+    the same ids, decoded by joining them; its special tokens (longer entries) added as such."""
     lib = hf()
     tok = lib.Tokenizer(lib.models.WordLevel({c: i for i, c in enumerate(tokenizer.itos)}, unk_token=None))
     tok.pre_tokenizer = lib.pre_tokenizers.Split(lib.Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = lib.decoders.Fuse()
+    tok.add_special_tokens([lib.AddedToken(t, special=True, normalized=False) for t in tokenizer.itos if len(t) > 1])
     return HFTokenizer(tok, "file")
 
 
-def write_folder(model, tokenizer, dest):
+def write_folder(model, tokenizer, dest, chat=None):
     """Write DEST as a GPT-2 folder: model.safetensors, config.json, tokenizer.json and
     tokenizer_config.json, which transformers' GPT2LMHeadModel and AutoTokenizer load. A model
-    GPT-2 cannot express (sinusoidal positions, post-LN, an untied head) is refused."""
+    GPT-2 cannot express (sinusoidal positions, post-LN, an untied head) is refused. With `chat`
+    (a model's ChatTemplate), its template goes where transformers reads one, its end of turn is
+    the eos and pad token, and generation_config.json says so."""
     gpt2 = {"positions": "learned", "norm": "pre", "head": "tied"}
     for field, value in gpt2.items():
         if getattr(model.config, field) != value:
@@ -134,6 +136,18 @@ def write_folder(model, tokenizer, dest):
     safetensors_torch().save_file(hf_weights(model), str(dest / "model.safetensors"), metadata={"format": "pt"})
     (dest / "config.json").write_text(json.dumps(hf_config(model.config, exported), indent=2) + "\n")
     exported.tok.save(str(dest / "tokenizer.json"))
-    (dest / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                            "model_max_length": model.config.block_size}) + "\n")
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size}
+    if chat is not None:
+        write_chat_files(dest, chat, exported.tok.token_to_id(chat.end_of_turn), tokenizer_config)
+    (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, ensure_ascii=False, indent=1) + "\n")
     return dest
+
+
+def write_chat_files(dest, chat, end_id, tokenizer_config):
+    """The chat template as chat_template.jinja and in tokenizer_config.json (older transformers read it
+    there), the end of turn as eos and pad, and generation_config.json: greedy generate stops at it."""
+    (dest / "chat_template.jinja").write_text(chat.jinja(), encoding="utf-8")
+    tokenizer_config.update(chat_template=chat.jinja(), eos_token=chat.end_of_turn, pad_token=chat.end_of_turn)
+    config = json.loads((dest / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps({**config, "eos_token_id": end_id}, indent=2) + "\n")
+    (dest / "generation_config.json").write_text(json.dumps({"eos_token_id": end_id, "pad_token_id": end_id}) + "\n")

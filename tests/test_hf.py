@@ -257,7 +257,7 @@ def test_what_we_do_not_compute_is_refused_naming_the_field(field, value, messag
 def test_convert_refuses_to_overwrite_or_to_export_a_sorter(trained_sort, folders, tmp_path, capsys):
     base, _ = trained_sort
     assert convert_main([str(base / "out" / "sort"), str(tmp_path / "hf"), "--to=hf"]) == 2
-    assert "is a sort model; a GPT-2 folder holds text models only" in capsys.readouterr().err
+    assert "is a sort model; a GPT-2 folder holds text and chat models only" in capsys.readouterr().err
     assert convert_main([str(folders["english"]), str(folders["chinese"]), "--to=hf"]) == 2
     assert "already holds a model; choose another DEST" in capsys.readouterr().err
     assert convert_main(["--to=hf"]) == 2 and "usage: python -m model.convert" in capsys.readouterr().err
@@ -269,3 +269,28 @@ def test_a_downloaded_model_is_fine_tuned_not_resumed(folders, tmp_path, capsys)
         code = train_cli.main([str(ROOT / "configs" / "finetune.py"), f"--out_dir={tmp_path / 'ours'}",
                                "--init_from=resume", f"--data={ROOT / 'data' / 'poems'}"])
     assert code == 2 and "has no optimizer state (a converted or downloaded model)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,end", [("english", "<|endoftext|>"), ("chinese", "[SEP]")])
+def test_finetune_a_gpt2_folder_on_conversations(name, end, folders, tmp_path):
+    """A GPT-2 folder learns to answer: its own end-of-text token (GPT-2's <|endoftext|>, BERT's
+    [SEP]) ends each turn, the role markers join its vocabulary as special tokens, the loss falls."""
+    text = "The quick fox" if name == "english" else "天行健"
+    answer = "It was cold." if name == "english" else "君子以自强不息"
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": text}, {"role": "assistant",
+                                                                                 "content": answer}]}) + "\n" * 1, encoding="utf-8")
+    data.write_text(data.read_text() * 8)
+    args = [str(ROOT / "configs" / "finetune.py"), f"--init_from={folders[name]}", f"--data={data}", "--max_iters=40",
+            "--eval_interval=40", "--lr_decay_iters=40", "--log_interval=1", "--learning_rate=3e-3", "--block_size=32",
+            "--val_fraction=0", f"--out_dir={tmp_path / 'ft'}"]
+    with working_dir(tmp_path):
+        assert train_cli.main(args) == 0
+    opened = open_model(out_dir=tmp_path / "ft", quiet=True)
+    template, tok = opened.task.template, opened.tokenizer
+    assert template.end_of_turn == end and opened.task.end == tok.tok.token_to_id(end)
+    base_vocab = open_model(ckpt=folders[name], quiet=True).tokenizer.vocab_size
+    assert tok.vocab_size == base_vocab + 3, "three role markers added; the end of turn is the vocabulary's own"
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), f"the loss did not fall: {losses[:3]} -> {losses[-5:]}"

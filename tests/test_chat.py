@@ -1,0 +1,238 @@
+"""Teaching a model to answer: .jsonl pairs and conversations, the loss on answers only, the end of
+turn, sampling and --chat, and the template as transformers reads it."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sample as sample_cli
+import train as train_cli
+from conftest import ROOT, run_training, working_dir
+from model.checkpoint import load_checkpoint, open_model
+from model.tasks.chat import ChatTemplate
+from model.tokenizer import CharTokenizer, tokenizer_from_dict
+
+CHAT_DATA = ROOT / "data" / "chat" / "conversations.jsonl"
+SMALL = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=48", "--batch_size=4", "--eval_iters=1"]
+
+
+def conversations():
+    return [json.loads(line)["messages"] for line in CHAT_DATA.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="session")
+def trained_numerals(tmp_path_factory):
+    """configs/numerals.py as shipped: (folder, summary)."""
+    base = tmp_path_factory.mktemp("numerals")
+    with working_dir(ROOT):
+        summary = run_training("numerals.py", base / "numerals", f"--data={ROOT / 'data/numerals/numerals.jsonl'}")
+    return base / "numerals", summary
+
+
+@pytest.fixture(scope="session")
+def trained_chat(tmp_path_factory):
+    """configs/chat.py as shipped: its out_dir."""
+    base = tmp_path_factory.mktemp("chat")
+    with working_dir(base):
+        run_training("chat.py", base / "chat", f"--data={CHAT_DATA}")
+    return base / "chat"
+
+
+# ---- the template and the loss -----------------------------------------------------------
+
+def test_the_loss_is_the_mean_over_the_answer_tokens_by_hand(tmp_path):
+    """Bug: the loss taken on the template's markers, the user's turn, or without the end of
+    turn (the model would never learn to stop)."""
+    (tmp_path / "d.jsonl").write_text('{"prompt": "ab", "completion": "bba"}\n' * 4, encoding="utf-8")
+    from model.config import TrainConfig
+    from model.start import Start
+    from model.tasks import task_for_training
+    task = task_for_training(TrainConfig(data=str(tmp_path / "d.jsonl"), out_dir=str(tmp_path / "o"),
+                                         val_fraction=0.0, block_size=16), Start("scratch"))
+    tok = task.tokenizer
+    U, A, E = (tok.special_id(t) for t in ("<|user|>", "<|assistant|>", "<|end|>"))
+    a, b = tok.stoi["a"], tok.stoi["b"]
+    assert task.data["train"].example(0)[0].tolist() == [U, a, b, E, A, b, b, a, E]
+    x, y = task.get_batch("train", 1, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    from model.gpt import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=task.model_vocab_size))
+    logits, loss = model(x, y)
+    logp = F.log_softmax(logits[0].double(), dim=-1)
+    ids = [U, a, b, E, A, b, b, a, E]
+    answer = [(t, ids[t + 1]) for t in range(4, 8)]  # after <|assistant|>: b, b, a and the end of turn
+    by_hand = -sum(logp[t, target] for t, target in answer) / len(answer)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_text_that_spells_a_marker_stays_plain_text(kind):
+    """Bug: a user's text containing '<|end|>' or '<|endoftext|>' becomes the special token and
+    ends the turn (or the whole conversation) early."""
+    text = "say <|user|> and <|end|> and <|endoftext|> 天行健"
+    if kind == "char":
+        base = CharTokenizer.from_text(text)
+    else:
+        pytest.importorskip("tokenizers")
+        from model.tokenizer import train_bpe
+        base = train_bpe(iter([text * 20]), 270)
+    template, tok = ChatTemplate.for_tokenizer(base)
+    specials = {tok.special_id(t) for t in template.special_tokens()}
+    assert None not in specials and len(specials) == 4
+    ids = tok.encode(text)
+    assert not specials & set(ids) and tok.decode(ids) == text
+    again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert again.encode(text) == ids and {again.special_id(t) for t in template.special_tokens()} == specials
+
+
+def test_template_round_trips_as_plain_data():
+    template, tok = ChatTemplate.for_tokenizer(CharTokenizer.from_text("天行健 hello, be brief"))
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "天行健"}]
+    again = ChatTemplate.from_dict(json.loads(json.dumps(template.to_dict())))
+    assert again == template and again.encode(tok, messages) == template.encode(tok, messages)
+    ids, in_loss = template.encode(tok, messages, generation_prompt=False)
+    assert tok.decode(ids) == "<|system|>be brief<|end|><|user|>hello<|end|><|assistant|>天行健<|end|>"
+    assert [tok.decode([i]) for i, keep in zip(ids, in_loss) if keep] == ["天", "行", "健", "<|end|>"]
+
+
+# ---- bad data ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "a", "completion": "b"', "line 2: not JSON"),
+    ('{"question": "a", "answer": "b"}', "line 2: each line needs 'prompt' and 'completion', or 'messages'"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "line 2: message 0 must be {\"role\": one of system, user"),
+    ('{"prompt": "a", "completion": ""}', "line 2: the completion is empty"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "line 2: the conversation has no assistant message"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, '
+     '{"role": "assistant", "content": "c"}]}', "line 2: message 1 is a system message; only the first"),
+    ('{"prompt": 3, "completion": "b"}', "line 2: 'prompt' and 'completion' must be strings"),
+])
+def test_a_bad_line_names_its_file_and_line_and_leaves_nothing_to_reuse(line, message, in_tmp, capsys):
+    data = in_tmp / "d.jsonl"
+    data.write_text('{"prompt": "ab", "completion": "ba"}\n' + line + "\n", encoding="utf-8")
+    assert train_cli.main([f"--data={data}", "--out_dir=run", *SMALL, "--max_iters=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {data}, ") and message in err[-1], err[-1]
+    assert not (in_tmp / "run" / "prepared" / "meta.json").exists(), "nothing half-prepared to reuse"
+
+
+def test_examples_too_long_are_left_out_with_one_notice(in_tmp, capsys):
+    data = in_tmp / "d.jsonl"
+    data.write_text('{"prompt": "ab", "completion": "ba"}\n' * 3 + '{"prompt": "ab", "completion": "' + "b" * 60
+                    + '"}\n', encoding="utf-8")
+    assert train_cli.main([f"--data={data}", "--out_dir=run", *SMALL, "--max_iters=2", "--val_fraction=0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("notice: 1 examples are longer than block_size + 1 = 49 tokens and are left out") == 1, err
+
+
+# ---- the shipped examples ------------------------------------------------------------------
+
+def test_numerals_reach_full_heldout_exact_match(trained_numerals):
+    out, summary = trained_numerals
+    assert summary["heldout_acc"] >= 0.99, f"held-out exact match {summary['heldout_acc']:.1%}"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("heldout_acc" in r for r in rows)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "| held-out exact match | " in report and "of 1000 completions |" in report
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["task"]["type"] == "chat" and ckpt["task"]["pairs"] is True
+
+
+def test_a_reply_stops_at_the_end_of_turn(trained_numerals, capsys):
+    """Bug: generation runs on to max_new_tokens past the end of turn, or prints the template."""
+    out, _ = trained_numerals
+    assert sample_cli.main([f"--out_dir={out}", "--start=1010", "--temperature=0", "--num_samples=1"]) == 0
+    assert capsys.readouterr().out == "一千零一十\n"
+    opened = open_model(out_dir=out, quiet=True)
+    task = opened.task
+    ids, room, _ = task.fit([{"role": "user", "content": "305"}], 50)
+    row = task.generate(opened.model, torch.tensor([ids]), room)[0, len(ids):].tolist()
+    assert row == opened.tokenizer.encode("三百零五") + [task.end], "stops right after the end of turn"
+
+
+def test_the_chat_model_answers_its_conversations(trained_chat, capsys):
+    for messages in conversations():
+        if len(messages) == 2:
+            question, answer = messages[0]["content"], messages[1]["content"]
+            assert sample_cli.main([f"--out_dir={trained_chat}", f"--start={question}", "--temperature=0",
+                                    "--num_samples=1"]) == 0
+            assert capsys.readouterr().out == answer + "\n", question
+
+
+def test_chat_from_a_pipe_keeps_the_history(trained_chat, monkeypatch, capsys):
+    """Bug: each turn answered without the turns before it, or the template's tokens printed."""
+    from model.tasks.chat import ChatTask
+    prompts, real = [], ChatTask.fit
+    monkeypatch.setattr(ChatTask, "fit", lambda self, messages, n: prompts.append(list(messages)) or real(self, messages, n))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n天行健的下一句是什么?\n谢谢\n"))
+    assert sample_cli.main([f"--out_dir={trained_chat}", "--chat", "--temperature=0"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["你好!我是一个很小的GPT,有什么可以帮你?", "君子以自强不息。", "不客气!"]
+    assert [m["content"] for m in prompts[2]] == ["你好", "你好!我是一个很小的GPT,有什么可以帮你?", "天行健的下一句是什么?",
+                                                  "君子以自强不息。", "谢谢"], "the third turn sees the first two"
+
+
+def test_chat_commands_and_end_of_input_in_a_real_process(trained_chat):
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={trained_chat}", "--chat",
+                           "--temperature=0", "--system=Answer in Chinese."], input="Hello\n/reset\nHello\n/quit\n谢谢\n",
+                          capture_output=True, text=True, timeout=120, cwd=trained_chat)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines() == ["你好!", "你好!"], "the system message kept after /reset; /quit ends"
+    assert "(new conversation)" in proc.stderr
+
+
+def test_chat_on_a_text_model_is_one_clear_line(trained_chinese, capsys):
+    base, _ = trained_chinese
+    assert sample_cli.main([f"--out_dir={base / 'out' / 'chinese'}", "--chat"]) == 2
+    assert "was not trained to answer (it is a text model)" in capsys.readouterr().err
+
+
+def test_finetune_a_text_model_on_pairs(trained_chinese, tmp_path):
+    """configs/finetune.py with a .jsonl: the base's vocabulary grows by the template's tokens and
+    the new characters, its old ids kept, and the loss falls."""
+    base, _ = trained_chinese
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "completion": a}, ensure_ascii=False) + "\n" for q, a in [
+        ("天行健", "君子以自强不息"), ("地势坤", "君子以厚德载物"), ("白日依山尽", "黄河入海流")] * 4), encoding="utf-8")
+    with working_dir(tmp_path):
+        summary = run_training("finetune.py", tmp_path / "ft", f"--init_from={base / 'out' / 'chinese'}",
+                               f"--data={data}", "--max_iters=60", "--eval_interval=60", "--log_interval=1",
+                               "--val_fraction=0")
+    old = load_checkpoint(base / "out" / "chinese" / "ckpt.pt")["tokenizer"]["itos"]
+    new = load_checkpoint(tmp_path / "ft" / "ckpt.pt")["tokenizer"]["itos"]
+    assert new[:len(old)] == old and new[len(old):] == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]) and summary["heldout_acc"] is not None
+
+
+# ---- out to transformers ------------------------------------------------------------------
+
+def test_transformers_reads_the_template_and_stops_where_we_do(trained_chat, tmp_path):
+    """apply_chat_template(messages, add_generation_prompt=True) gives exactly our prompt ids, and
+    transformers' greedy generate writes our reply and stops at our end of turn."""
+    transformers = pytest.importorskip("transformers")
+    from model.convert import main as convert_main
+    assert convert_main([str(trained_chat), str(tmp_path / "hf"), "--to=hf"]) == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    opened = open_model(out_dir=trained_chat, quiet=True)
+    task = opened.task
+    for messages in conversations()[::5]:
+        prompt = messages[:-1]
+        ours, _ = task.template.encode(opened.tokenizer, prompt, generation_prompt=True)
+        theirs = hf_tok.apply_chat_template(prompt, add_generation_prompt=True)
+        theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
+        assert list(theirs) == ours, prompt
+        whole, _ = task.template.encode(opened.tokenizer, messages)
+        assert hf_tok.apply_chat_template(messages, tokenize=False) == opened.tokenizer.decode(whole)
+        room = task.block_size - len(ours)
+        reply = task.generate(opened.model, torch.tensor([ours]), room)[0, len(ours):].tolist()
+        out = hf_model.generate(torch.tensor([ours]), max_new_tokens=room, do_sample=False)[0, len(ours):].tolist()
+        assert out == reply[:reply.index(task.end) + 1], "transformers stops at the end of turn, as we do"
