@@ -36,8 +36,7 @@ def sample(argv):
     elif vocab.vocab_size < ids:
         print(f"notice: the vocabulary has {vocab.vocab_size} tokens, the model {ids} ids; ids past the "
               f"vocabulary are never sampled", file=sys.stderr)
-    opened.task.sample(cfg, read_prompt(cfg.start), opened.model, opened.device)
-    return 0
+    return opened.task.sample(cfg, read_prompt(cfg.start), opened.model, opened.device) or 0  # --chat: 130 after Ctrl-C
 
 
 def main(argv):

@@ -138,7 +138,8 @@ class WalkthroughConfig:
     out_dir: str = ""  # a training run's out_dir; empty: the checkpoint train.py wrote last
     ckpt: str = ""  # a checkpoint file (instead of out_dir)
     meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
-    start: str = ""  # the input to walk through, e.g. CBABBC or 天行健
+    start: str = ""  # the input to walk through, e.g. CBABBC or 天行健 (a model trained to answer: the question)
+    reply: str = ""  # a model trained to answer: its answer after --start, to see which tokens the loss counts
     layers: str = "all"  # which blocks to show: 'all' or numbers like '0' or '0,2'
     heads: str = "all"  # which attention heads to show: 'all' or numbers like '1'
     decimals: int = 3

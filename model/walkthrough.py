@@ -31,6 +31,7 @@ from model.checkpoint import open_model
 from model.config import WalkthroughConfig, load_config, run_command
 from model.errors import UserError
 from model.gpt import causal_mask
+from model.tasks import ChatTask
 from model.tokenizer import visible
 
 TOLERANCE = 1e-9  # |reference - torch| <= TOLERANCE * (1 + |torch|), both float64
@@ -346,7 +347,7 @@ def run(cfg):
              f"input: {cfg.start!r} -> tokens {' '.join(token_labels(info['tokens']))} -> ids {info['ids']}",
              f"model: n_layer={c['n_layer']}, n_head={c['n_head']}, n_embd={c['n_embd']} (C), head size "
              f"hs={c['n_embd'] // c['n_head']}, vocab V={c['vocab_size']}, T={len(info['ids'])} tokens",
-             f"checked: {info['checked']}"]
+             f"checked: {info['checked']}", *info.get("template", [])]
     render = as_markdown if cfg.format == "md" else as_text
     return render(steps, intro, cfg.decimals, cfg.max_cols)
 
@@ -360,11 +361,11 @@ def compute(cfg):
     if not cfg.start:
         example = tokenizer.decode(range(min(3, tokenizer.vocab_size))) if tokenizer.kind == "char" else "Hello"
         raise UserError(f"give the input to walk through with --start, e.g. --start={example!r}")
-    unknown = tokenizer.unknown(cfg.start)
+    unknown = tokenizer.unknown(cfg.start + cfg.reply)
     if unknown:
         raise UserError(f"--start has characters the model does not know: {''.join(unknown)!r}; "
                         f"its vocabulary has {tokenizer.vocab_size} tokens")
-    ids = tokenizer.encode(cfg.start)
+    ids, answer = input_ids(cfg, opened)
     if len(ids) > model.config.block_size:
         raise UserError(f"--start has {len(ids)} tokens; this model reads at most block_size="
                         f"{model.config.block_size}")
@@ -380,7 +381,30 @@ def compute(cfg):
             "model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
                       "block_size": c.block_size},
             "checked": f"every matrix equals the torch model's (float64) within {TOLERANCE:g}"}
+    if answer is not None:
+        info["template"] = template_notes(opened.task.template, tokens, answer)
     return path, steps, info
+
+
+def input_ids(cfg, opened):
+    """(ids, answer) of the walk's input. A model trained to answer reads --start as a user turn in its
+    chat template, then --reply as its answer (or, without one, its answer's marker): `answer` says
+    which tokens the model writes and the loss counts. Other models read --start as it is (answer None)."""
+    if not isinstance(opened.task, ChatTask):
+        return opened.tokenizer.encode(cfg.start), None
+    messages = [{"role": "user", "content": cfg.start}] + ([{"role": "assistant", "content": cfg.reply}] if cfg.reply else [])
+    return opened.task.template.encode(opened.tokenizer, messages, generation_prompt=not cfg.reply)
+
+
+def template_notes(template, tokens, answer):
+    """What a learner needs to read a templated input: the special tokens, and which tokens the loss counts."""
+    rows = token_labels(tokens)
+    roles = "; ".join(f"{marker} begins each {role} turn" for role, marker in template.markers.items())
+    counted = [rows[t] for t, keep in enumerate(answer) if keep]
+    return [f"template: {roles}; {template.end_of_turn} ends a turn. Special tokens: no text encodes to them",
+            "in the loss (training): " + (f"the predictions of {' '.join(counted)}, the answer and its end of turn; "
+                                          f"every other target is -1" if counted else
+                                          "nothing here yet: give the answer with --reply to see which tokens count")]
 
 
 def walkthrough_command(argv):

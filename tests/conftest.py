@@ -107,3 +107,24 @@ def trained_chinese(tmp_path_factory):
     with working_dir(base):
         summary = run_training("chinese.py", base / "out" / "chinese")
     return base, summary
+
+
+CHAT_DATA = ROOT / "data" / "chat" / "conversations.jsonl"
+
+
+@pytest.fixture(scope="session")
+def trained_numerals(tmp_path_factory):
+    """configs/numerals.py as shipped: (folder, summary)."""
+    base = tmp_path_factory.mktemp("numerals")
+    with working_dir(base):
+        summary = run_training("numerals.py", base / "numerals", f"--data={ROOT / 'data/numerals/numerals.jsonl'}")
+    return base / "numerals", summary
+
+
+@pytest.fixture(scope="session")
+def trained_chat(tmp_path_factory):
+    """configs/chat.py as shipped: its out_dir."""
+    base = tmp_path_factory.mktemp("chat")
+    with working_dir(base):
+        run_training("chat.py", base / "chat", f"--data={CHAT_DATA}")
+    return base / "chat"

@@ -161,6 +161,17 @@ def test_a_chinese_page_opens_cleanly(trained_chinese, browser, tmp_path):
     assert "天0" in page.page.locator("#walk-data").text_content()
 
 
+@needs_browser
+def test_a_chat_models_page_shows_its_template_and_loss(trained_numerals, browser, tmp_path):
+    out, _ = trained_numerals
+    assert walk_main([f"--out_dir={out}", "--start=305", "--reply=三百零五", "--format=html",
+                      f"--output={tmp_path / 'chat.html'}"]) == 0
+    page = Page(browser, tmp_path / "chat.html")
+    shown = page.page.locator("#template").text_content()
+    assert "<|end|> ends a turn" in shown and "the predictions of 三6 百7 零8 五9 <|end|>10" in shown
+    assert page.errors == []
+
+
 def test_html_is_written_beside_the_checkpoint_by_default(trained_sort, capsys):
     base, _ = trained_sort
     assert walk_main([f"--out_dir={base / 'out' / 'sort'}", "--start=CBABBC", "--format=html"]) == 0

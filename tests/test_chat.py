@@ -3,6 +3,7 @@ turn, sampling and --chat, and the template as transformers reads it."""
 
 import io
 import json
+import signal
 import subprocess
 import sys
 
@@ -13,35 +14,16 @@ import torch.nn.functional as F
 
 import sample as sample_cli
 import train as train_cli
-from conftest import ROOT, run_training, working_dir
+from conftest import CHAT_DATA, ROOT, run_training, working_dir
 from model.checkpoint import load_checkpoint, open_model
 from model.tasks.chat import ChatTemplate
 from model.tokenizer import CharTokenizer, tokenizer_from_dict
 
-CHAT_DATA = ROOT / "data" / "chat" / "conversations.jsonl"
 SMALL = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=48", "--batch_size=4", "--eval_iters=1"]
 
 
 def conversations():
     return [json.loads(line)["messages"] for line in CHAT_DATA.read_text(encoding="utf-8").splitlines()]
-
-
-@pytest.fixture(scope="session")
-def trained_numerals(tmp_path_factory):
-    """configs/numerals.py as shipped: (folder, summary)."""
-    base = tmp_path_factory.mktemp("numerals")
-    with working_dir(ROOT):
-        summary = run_training("numerals.py", base / "numerals", f"--data={ROOT / 'data/numerals/numerals.jsonl'}")
-    return base / "numerals", summary
-
-
-@pytest.fixture(scope="session")
-def trained_chat(tmp_path_factory):
-    """configs/chat.py as shipped: its out_dir."""
-    base = tmp_path_factory.mktemp("chat")
-    with working_dir(base):
-        run_training("chat.py", base / "chat", f"--data={CHAT_DATA}")
-    return base / "chat"
 
 
 # ---- the template and the loss -----------------------------------------------------------
@@ -187,6 +169,19 @@ def test_chat_commands_and_end_of_input_in_a_real_process(trained_chat):
     assert "(new conversation)" in proc.stderr
 
 
+def test_ctrl_c_ends_a_chat_cleanly(trained_chat):
+    """Bug: Ctrl-C while the chat waits for a message ends in a KeyboardInterrupt traceback."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--out_dir={trained_chat}", "--chat",
+                             "--temperature=0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=trained_chat)
+    proc.stdin.write("Hello\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == "Hello! I am a very small GPT. How can I help?\n"  # now waiting for the next line
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
 def test_chat_on_a_text_model_is_one_clear_line(trained_chinese, capsys):
     base, _ = trained_chinese
     assert sample_cli.main([f"--out_dir={base / 'out' / 'chinese'}", "--chat"]) == 2
@@ -236,3 +231,17 @@ def test_transformers_reads_the_template_and_stops_where_we_do(trained_chat, tmp
         reply = task.generate(opened.model, torch.tensor([ours]), room)[0, len(ours):].tolist()
         out = hf_model.generate(torch.tensor([ours]), max_new_tokens=room, do_sample=False)[0, len(ours):].tolist()
         assert out == reply[:reply.index(task.end) + 1], "transformers stops at the end of turn, as we do"
+
+
+def test_the_walkthrough_names_the_special_tokens_and_what_the_loss_counts(trained_numerals, capsys):
+    """For learners: a templated input shows its markers, and the loss's tokens are the answer's."""
+    from model.walkthrough import main as walk_main
+    out, _ = trained_numerals
+    assert walk_main([f"--out_dir={out}", "--start=305", "--reply=三百零五", "--layers=0", "--heads=0"]) == 0
+    text = capsys.readouterr().out
+    assert "input: '305' -> tokens <|user|>0 31 02 53 <|end|>4 <|assistant|>5 三6 百7 零8 五9 <|end|>10" in text
+    assert "<|user|> begins each user turn; <|assistant|> begins each assistant turn; <|end|> ends a turn" in text
+    assert "in the loss (training): the predictions of 三6 百7 零8 五9 <|end|>10, the answer and its end of turn" in text
+    assert walk_main([f"--out_dir={out}", "--start=305", "--format=json"]) == 0
+    walk = json.loads(capsys.readouterr().out)
+    assert walk["tokens"][-1] == "<|assistant|>" and "give the answer with --reply" in walk["template"][1]

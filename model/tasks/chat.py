@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from model.data import TextSource, reuse, token_dtype, write_meta
 from model.errors import UserError
@@ -155,8 +156,10 @@ def prepare_examples(source, tokenizer, template, prepared, is_val, settings):
     dtype, pairs = token_dtype(tokenizer.model_vocab_size()), True
     files = {s: (open(prepared / f"{s}.ids.bin", "wb"), open(prepared / f"{s}.loss.bin", "wb")) for s in ("train", "val")}
     offsets = {"train": [0], "val": [0]}
+    bar = tqdm(total=len(is_val), unit="ex", desc="preparing examples", dynamic_ncols=True, disable=len(is_val) < 50_000)
     try:
         for i, (messages, is_pair) in enumerate(read_records(source)):
+            bar.update(1)
             ids, in_loss = template.encode(tokenizer, messages, drop_unknown=True)  # the vocabulary spells the text
             split = "val" if is_val[i] else "train"
             files[split][0].write(np.array(ids, dtype=dtype).tobytes())
@@ -164,6 +167,7 @@ def prepare_examples(source, tokenizer, template, prepared, is_val, settings):
             offsets[split].append(offsets[split][-1] + len(ids))
             pairs &= is_pair
     finally:
+        bar.close()
         for f in (f for pair in files.values() for f in pair):
             f.close()
     for split, starts in offsets.items():
@@ -428,8 +432,9 @@ def converse(task, cfg, model, device):
             history = reply_to(task, history + [{"role": "user", "content": line}], cfg, model, device, generator)
     except EOFError:
         pass
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: end the conversation, as Ctrl-D does, with the shell's code for it
         print(file=sys.stderr)
+        return 130
     return 0
 
 
