@@ -1,11 +1,15 @@
 """The GPT: a decoder-only Transformer in nanoGPT's layout.
 
-Read top to bottom: config, positions, attention, MLP, block, then the GPT that stacks them.
-Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = C // nh.
+Read top to bottom: config, positions, norms, attention, MLP, block, then the GPT that stacks them.
+Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, nkv = n_kv_head, hs = head_dim
+(C // nh unless set), I = intermediate_size (4C unless set).
 
 The defaults are GPT-2's choices. Four options give the original Transformer's instead, one at
 a time, as the step-by-step explainers draw it: sinusoidal positions, post-LN ("Add & Norm"),
-a ReLU feed-forward; and minGPT's untied LM head.
+a ReLU feed-forward; and minGPT's untied LM head. Six more give what Llama and Qwen changed:
+rotary positions (RoPE), RMSNorm, the gated SiLU feed-forward (SwiGLU), grouped-query attention,
+an explicit head size, RMSNorm on each head's queries and keys (Qwen3) and biases on Q/K/V only
+(Qwen2). Each is one small module picked when the model is built.
 """
 
 import math
@@ -18,9 +22,13 @@ from torch.nn import functional as F
 from model.errors import UserError
 
 CHOICES = {
-    "activation": ("gelu", "gelu_tanh", "relu"),  # GELU x Phi(x) with erf; GPT-2's tanh form of it; max(0, x)
-    "positions": ("learned", "sinusoidal"),  # an embedding learned per position (GPT-2); the fixed sin/cos code
-    "norm": ("pre", "post"),  # x + f(LN(x)) (GPT-2); LN(x + f(x)), the original "Add & Norm"
+    # GELU x Phi(x) with erf; GPT-2's tanh form of it; max(0, x); SiLU x sigmoid(x) (Llama, Qwen)
+    "activation": ("gelu", "gelu_tanh", "relu", "silu"),
+    # an embedding learned per position (GPT-2); the fixed sin/cos code; Q and K rotated by position (RoPE)
+    "positions": ("learned", "sinusoidal", "rope"),
+    "norm": ("pre", "post"),  # x + f(N(x)) (GPT-2); N(x + f(x)), the original "Add & Norm"
+    "normalization": ("layernorm", "rmsnorm"),  # N: (x - mean) / std * g + b (GPT-2); x / rms(x) * g (Llama)
+    "mlp": ("standard", "gated"),  # act(x W1) W2 (GPT-2); (act(x W_gate) * x W_up) W_down (SwiGLU with silu)
     "head": ("tied", "untied"),  # the LM head reads with the token embedding matrix (GPT-2), or its own (minGPT)
     "attention": ("sdpa", "explicit"),  # the fused kernel, or the maths written out (how, not what)
 }
@@ -39,8 +47,16 @@ class GPTConfig:
     positions: str = "learned"
     norm: str = "pre"
     head: str = "tied"
-    layer_norm_eps: float = 1e-5  # LN(x) = (x - mean) / sqrt(var + eps): GPT-2 folders say theirs
+    layer_norm_eps: float = 1e-5  # the norm's eps, sqrt(var + eps) or sqrt(mean(x^2) + eps): folders say theirs
     attention: str = "sdpa"
+    normalization: str = "layernorm"
+    mlp: str = "standard"
+    rope_theta: float = 10000.0  # RoPE: pair i of a head turns by position * rope_theta^(-2i / hs)
+    n_kv_head: int = 0  # key/value heads, each shared by n_head // n_kv_head query heads (0: n_head, no sharing)
+    head_dim: int = 0  # hs, channels per head (0: n_embd // n_head; Qwen3 sets its own)
+    intermediate_size: int = 0  # the feed-forward's width I (0: 4 * n_embd)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3)
+    qkv_bias: bool = False  # biases on the Q, K, V projections even when bias=False (Qwen2)
 
     def __post_init__(self):
         """The one place model fields are checked: a value no model can have is a UserError."""
@@ -48,11 +64,14 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head != 0:
-            raise UserError(
-                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head gets "
-                f"n_embd // n_head channels; pick n_embd a multiple of n_head "
-                f"(e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))})")
+        self.check_heads()
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.intermediate_size = self.intermediate_size or 4 * self.n_embd
+        if self.positions == "rope" and self.head_dim % 2:
+            raise UserError(f"RoPE turns pairs of channels: head_dim must be even, got {self.head_dim}")
+        if not self.rope_theta > 0:
+            raise UserError(f"rope_theta must be greater than 0, got {self.rope_theta!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not 0 < self.layer_norm_eps < 1:
@@ -60,6 +79,22 @@ class GPTConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+    def check_heads(self):
+        for name in ("n_kv_head", "head_dim", "intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"{name} must be a positive integer (or 0 for its default), got {value!r}")
+        if self.n_kv_head and self.n_head % self.n_kv_head:
+            raise UserError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}: each key/value head "
+                            f"serves the same number of query heads")
+        if self.head_dim:
+            return
+        if self.n_embd % self.n_head != 0:
+            raise UserError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: each head gets "
+                f"n_embd // n_head channels; pick n_embd a multiple of n_head "
+                f"(e.g. n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}), or set head_dim")
 
 
 NANOGPT_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's GPTConfig
@@ -89,19 +124,54 @@ class SinusoidalPositions(nn.Module):
         return torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).flatten(1)[:, :self.n_embd]
 
 
+class Rotary(nn.Module):
+    """Rotary position embeddings (RoPE, as Llama and Qwen, in Hugging Face's half-split layout):
+    no parameters. Channel i < hs/2 of a head pairs with channel i + hs/2, and the pair turns by
+    the angle position * theta^(-2i / hs); Q K^T then depends on how far apart two tokens are."""
+
+    def __init__(self, head_dim, theta):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)  # follows the model's dtype and device
+
+    def forward(self, pos):
+        """pos (T,) -> (cos, sin), each (T, hs), for rotate()."""
+        inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=pos.device)
+                                        / self.head_dim)
+        angle = pos.double()[:, None] * inv_freq  # (T, hs / 2), in float64 so float32 models match HF's tables
+        angle = torch.cat([angle, angle], dim=-1)
+        return angle.cos().to(self.anchor.dtype), angle.sin().to(self.anchor.dtype)
+
+
+def rotate(x, rope):
+    """x (B, h, T, hs) turned by the angles of rope = (cos, sin): x cos + rotate_half(x) sin, where
+    rotate_half(x) = [-x2, x1] for the halves x1, x2 of each head."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def norm_layer(config, dim=None):
+    """The model's normalisation over `dim` channels (default C): LayerNorm or RMSNorm."""
+    dim = dim or config.n_embd
+    if config.normalization == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
+
+
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so generation feeds one new
-    token per step instead of the whole sequence. Each layer's store is (B, nh, block_size, hs)."""
+    token per step instead of the whole sequence. Each layer's store is (B, nkv, block_size, hs):
+    with grouped-query attention it holds only the shared heads."""
 
     def __init__(self, config, batch_size, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, config.block_size, hs)
+        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens stored so far (the position of the next token)
 
     def append(self, layer, k, v):
-        """Store k, v (B, nh, T, hs) after the cached ones; return all keys and values so far."""
+        """Store k, v (B, nkv, T, hs) after the cached ones; return all keys and values so far."""
         end = self.length + k.size(2)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
@@ -112,30 +182,38 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.dropout
         self.attention = config.attention
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # Q, K, V at once
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # heads joined -> C
+        q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, q + 2 * kv, bias=config.bias or config.qkv_bias)  # Q, K, V at once
+        self.c_proj = nn.Linear(q, config.n_embd, bias=config.bias)  # heads joined -> C
+        self.q_norm = norm_layer(config, config.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = norm_layer(config, config.head_dim) if config.qk_norm else nn.Identity()
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None, layer=0):
-        """x: (B, T, C) -> (B, T, C). With a kv_cache, x holds only the new tokens."""
+    def forward(self, x, kv_cache=None, layer=0, rope=None):
+        """x: (B, T, C) -> (B, T, C). With a kv_cache, x holds only the new tokens; rope: their
+        (cos, sin) when positions are rotary."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        # split the channels into heads: (B, T, C) -> (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        # split the channels into heads: (B, T, h * hs) -> (B, h, T, hs)
+        q = self.q_norm(q.view(B, T, nh, hs).transpose(1, 2))
+        k = self.k_norm(k.view(B, T, nkv, hs).transpose(1, 2))
+        v = v.view(B, T, nkv, hs).transpose(1, 2)
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         if kv_cache is not None:
-            k, v = kv_cache.append(layer, k, v)  # (B, nh, past + T, hs)
+            k, v = kv_cache.append(layer, k, v)  # (B, nkv, past + T, hs)
+        if nkv < nh:  # grouped-query attention: each key/value head serves nh // nkv query heads
+            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         if self.attention == "explicit":
             y = self.explicit_attention(q, k, v)
         else:
             y = self.sdpa_attention(q, k, v)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # join the heads again
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # join the heads again
         return self.resid_dropout(self.c_proj(y))
 
     def explicit_attention(self, q, k, v):
@@ -158,40 +236,57 @@ class CausalSelfAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout)
 
 
-ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
+ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU,
+               "silu": nn.SiLU}
 
 
 class MLP(nn.Module):
-    """The feed-forward layer: C -> 4C, the activation (GELU or ReLU), 4C -> C."""
+    """The feed-forward layer: C -> I (4C unless set), the activation, I -> C."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
         self.act = ACTIVATIONS[config.activation]()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
+class GatedMLP(nn.Module):
+    """The gated feed-forward of Llama and Qwen (SwiGLU with silu): act(x W_gate) * (x W_up), then
+    I -> C. The gate decides, channel by channel, how much of the up-projection passes."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_gate = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)  # the up-projection
+        self.act = ACTIVATIONS[config.activation]()
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_gate(x)) * self.c_fc(x)))
+
+
 class Block(nn.Module):
-    """A Transformer block. Pre-LN (GPT-2): x + attn(LN(x)), then x + mlp(LN(x)). Post-LN (the
-    original Transformer's "Add & Norm"): LN(x + attn(x)), then LN(x + mlp(x))."""
+    """A Transformer block. Pre-norm (GPT-2, Llama): x + attn(N(x)), then x + mlp(N(x)). Post-norm
+    (the original Transformer's "Add & Norm"): N(x + attn(x)), then N(x + mlp(x))."""
 
     def __init__(self, config):
         super().__init__()
         self.post = config.norm == "post"
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = norm_layer(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = norm_layer(config)
+        self.mlp = GatedMLP(config) if config.mlp == "gated" else MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, kv_cache=None, layer=0, rope=None):
         if self.post:
-            x = self.ln_1(x + self.attn(x, kv_cache, layer))
+            x = self.ln_1(x + self.attn(x, kv_cache, layer, rope))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -200,15 +295,16 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        learned = config.positions == "learned"
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            wpe=nn.Embedding(config.block_size, config.n_embd) if learned else SinusoidalPositions(config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-        ))
-        if config.norm == "pre":  # post-LN blocks end normalised already: no final LayerNorm
-            self.transformer.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.transformer = nn.ModuleDict(dict(wte=nn.Embedding(config.vocab_size, config.n_embd)))  # token embedding
+        if config.positions == "learned":  # added to the token embeddings; RoPE turns Q and K instead
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        elif config.positions == "sinusoidal":
+            self.transformer.wpe = SinusoidalPositions(config.n_embd)
+        self.transformer.drop = nn.Dropout(config.dropout)
+        self.transformer.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.rotary = Rotary(config.head_dim, config.rope_theta) if config.positions == "rope" else None
+        if config.norm == "pre":  # post-norm blocks end normalised already: no final norm
+            self.transformer.ln_f = norm_layer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.head == "tied":  # the LM head reads the vocabulary with the token embedding matrix
             self.transformer.wte.weight = self.lm_head.weight
@@ -230,7 +326,7 @@ class GPT(nn.Module):
         """Parameters counted once (a tied LM head is the token embedding). With
         non_embedding=True the learned position embedding is left out, as nanoGPT reports."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= sum(p.numel() for p in self.transformer.wpe.parameters())
         return n
 
@@ -242,11 +338,13 @@ class GPT(nn.Module):
         self._check_input(idx, past)
         B, T = idx.size()
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
-        pos_emb = self.transformer.wpe(pos)  # (T, C), broadcast over the batch
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+        rope = self.rotary(pos) if self.rotary is not None else None  # computed once, used by every layer
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer)
+            x = block(x, kv_cache, layer, rope)
         if kv_cache is not None:
             kv_cache.length += T
         if self.config.norm == "pre":

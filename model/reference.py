@@ -4,7 +4,8 @@ One small function per step of the Transformer explainers, each forward with its
 right below it. Everything here is what `model/gpt.py` computes; the tests hold the two
 together number by number. No torch is imported here.
 
-Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, hs = C // nh, V = vocab_size.
+Shapes: B = batch, T = sequence length, C = n_embd, nh = n_head, nkv = n_kv_head, hs = head_dim,
+I = intermediate_size, V = vocab_size.
 Parameters are the model's state_dict as NumPy arrays (nanoGPT names; a Linear weight is
 (out, in), so a linear layer is x @ W.T + b).
 """
@@ -71,6 +72,24 @@ def layer_norm_backward(dy, x, w, eps=1e-5):
     return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
 
 
+def rms_norm(x, w, b=None, eps=1e-6):
+    """y = x / sqrt(mean(x^2) + eps) * w over the last axis: LayerNorm without the mean and the bias
+    (Llama, Qwen). (..., C) -> (..., C)."""
+    return x / np.sqrt((x ** 2).mean(axis=-1, keepdims=True) + eps) * w
+
+
+def rms_norm_backward(dy, x, w, eps=1e-6):
+    """With r = sqrt(mean(x^2) + eps), xhat = x / r and g = dy * w:
+    dx = (g - xhat * mean(g * xhat)) / r;  dw = sum(dy * xhat);  no bias."""
+    r = np.sqrt((x ** 2).mean(axis=-1, keepdims=True) + eps)
+    xhat, g = x / r, dy * w
+    dx = (g - xhat * (g * xhat).mean(axis=-1, keepdims=True)) / r
+    return dx, (dy * xhat).sum(axis=tuple(range(dy.ndim - 1))), None
+
+
+NORMS = {"layernorm": (layer_norm, layer_norm_backward), "rmsnorm": (rms_norm, rms_norm_backward)}
+
+
 # ---- linear layers ------------------------------------------------------------------------
 
 def linear(x, W, b):
@@ -88,15 +107,53 @@ def linear_backward(dy, x, W):
 
 # ---- attention ----------------------------------------------------------------------------
 
-def split_qkv(qkv):
-    """The c_attn output (B, T, 3C) holds Q, K and V side by side -> three (B, T, C)."""
-    return np.split(qkv, 3, axis=-1)
+def split_qkv(qkv, q_size):
+    """The c_attn output (B, T, q_size + 2 kv_size) holds Q, K and V side by side -> Q (B, T, nh hs),
+    K and V (B, T, nkv hs) each (as wide as Q unless attention is grouped)."""
+    kv = (qkv.shape[-1] - q_size) // 2
+    return np.split(qkv, [q_size, q_size + kv], axis=-1)
 
 
 def split_heads(x, n_head):
-    """(B, T, C) -> (B, nh, T, hs): each head works on its own hs channels."""
+    """(B, T, h hs) -> (B, h, T, hs): each head works on its own hs channels."""
     B, T, C = x.shape
     return x.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+
+def rope_tables(T, hs, theta):
+    """RoPE's (cos, sin), each (T, hs): pair (i, i + hs/2) of a head turns by pos * theta^(-2i/hs)."""
+    angle = np.arange(T)[:, None] * theta ** (-np.arange(0, hs, 2) / hs)  # (T, hs / 2)
+    angle = np.concatenate([angle, angle], axis=-1)
+    return np.cos(angle), np.sin(angle)
+
+
+def rotate_half(x):
+    """[x1, x2] -> [-x2, x1] over the halves of the last axis: each pair turned by 90 degrees."""
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([-x2, x1], axis=-1)
+
+
+def rope(x, cos, sin):
+    """Rotary position embedding of queries or keys x (B, h, T, hs): x cos + rotate_half(x) sin."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_backward(dy, cos, sin):
+    """The turn backwards: dx = dy cos + rotate_half^T(dy sin), rotate_half^T([g1, g2]) = [g2, -g1]."""
+    g1, g2 = np.split(dy * sin, 2, axis=-1)
+    return dy * cos + np.concatenate([g2, -g1], axis=-1)
+
+
+def repeat_kv(x, groups):
+    """Grouped-query attention: (B, nkv, T, hs) -> (B, nkv * groups, T, hs), each key/value head
+    repeated for the `groups` query heads that share it."""
+    return np.repeat(x, groups, axis=1)
+
+
+def repeat_kv_backward(dx, groups):
+    """A shared head collects the gradients of every query head that read it."""
+    B, nh, T, hs = dx.shape
+    return dx.reshape(B, nh // groups, groups, T, hs).sum(axis=2)
 
 
 def merge_heads(x):
@@ -177,13 +234,32 @@ def relu_backward(dy, x):
     return dy * (x > 0)
 
 
+def silu(x):
+    """SiLU (swish), Llama's and Qwen's activation: x sigmoid(x)."""
+    return x / (1.0 + np.exp(-x))
+
+
+def silu_backward(dy, x):
+    """d/dx x s(x) = s(x) (1 + x (1 - s(x))), s the sigmoid."""
+    s = 1.0 / (1.0 + np.exp(-x))
+    return dy * s * (1.0 + x * (1.0 - s))
+
+
+ACTIVATIONS = {  # config name -> (forward, backward)
+    "gelu": (gelu, gelu_backward),
+    "gelu_tanh": (lambda x: gelu(x, "tanh"), lambda dy, x: gelu_backward(dy, x, "tanh")),
+    "relu": (relu, relu_backward),
+    "silu": (silu, silu_backward),
+}
+
+
 def activation(x, name):
-    """The feed-forward activation by its config name: 'gelu', 'gelu_tanh' or 'relu'."""
-    return relu(x) if name == "relu" else gelu(x, "tanh" if name == "gelu_tanh" else "exact")
+    """The feed-forward activation by its config name: 'gelu', 'gelu_tanh', 'relu' or 'silu'."""
+    return ACTIVATIONS[name][0](x)
 
 
 def activation_backward(dy, x, name):
-    return relu_backward(dy, x) if name == "relu" else gelu_backward(dy, x, "tanh" if name == "gelu_tanh" else "exact")
+    return ACTIVATIONS[name][1](dy, x)
 
 
 # ---- loss ---------------------------------------------------------------------------------
@@ -208,34 +284,54 @@ def cross_entropy_backward(logits, targets):
 
 # ---- the whole model ----------------------------------------------------------------------
 
-def attention_forward(x, P, h, n_head, a):
-    """Causal self-attention of one block on x (B, T, C), its intermediates stored in `a`."""
+def attention_forward(x, P, h, config, rope_cs, a):
+    """Causal self-attention of one block on x (B, T, C), its intermediates stored in `a`:
+    Q, K, V projected and split into heads, normed per head (qk_norm), turned by position (RoPE),
+    K and V shared across query heads (grouped-query attention), then softmax(Q K^T / sqrt(hs)) V."""
+    nh, nkv, eps = config.n_head, config.n_kv_head, config.layer_norm_eps
     a["qkv"] = linear(x, P(h + "attn.c_attn.weight"), P(h + "attn.c_attn.bias"))
-    q, k, v = split_qkv(a["qkv"])
-    a["q"], a["k"], a["v"] = (split_heads(t, n_head) for t in (q, k, v))
-    a["scores"] = attention_scores(a["q"], a["k"])
+    q, k, v = split_qkv(a["qkv"], nh * config.head_dim)
+    a["q_lin"], a["k_lin"], a["v"] = split_heads(q, nh), split_heads(k, nkv), split_heads(v, nkv)
+    norm = NORMS["rmsnorm"][0]
+    a["q_normed"] = norm(a["q_lin"], P(h + "attn.q_norm.weight"), eps=eps) if config.qk_norm else a["q_lin"]
+    a["k_normed"] = norm(a["k_lin"], P(h + "attn.k_norm.weight"), eps=eps) if config.qk_norm else a["k_lin"]
+    a["q"], a["k"] = ((rope(a["q_normed"], *rope_cs), rope(a["k_normed"], *rope_cs)) if rope_cs else
+                      (a["q_normed"], a["k_normed"]))
+    groups = nh // nkv
+    a["scores"] = attention_scores(a["q"], repeat_kv(a["k"], groups))
     a["masked"] = causal_mask(a["scores"])
     a["att"] = softmax(a["masked"])
-    a["y_heads"] = attend(a["att"], a["v"])
+    a["y_heads"] = attend(a["att"], repeat_kv(a["v"], groups))
     a["y"] = merge_heads(a["y_heads"])
     return linear(a["y"], P(h + "attn.c_proj.weight"), P(h + "attn.c_proj.bias"))
 
 
-def block_forward(x, P, h, config):
-    """One block. Pre-LN: x + attn(LN1(x)), then + mlp(LN2(.)). Post-LN ("Add & Norm"):
-    LN1(x + attn(x)), then LN2(. + mlp(.)). Returns the output and the intermediates."""
-    eps, post = config.layer_norm_eps, config.norm == "post"
+def mlp_forward(x, P, h, config, a):
+    """The feed-forward layer: act(x W1) W2, or gated (SwiGLU): (act(x W_gate) * x W_up) W_down."""
+    a["fc"] = linear(x, P(h + "mlp.c_fc.weight"), P(h + "mlp.c_fc.bias"))
+    if config.mlp == "gated":
+        a["gate"] = linear(x, P(h + "mlp.c_gate.weight"), P(h + "mlp.c_gate.bias"))
+        a["act"] = activation(a["gate"], config.activation)
+        a["hidden"] = a["act"] * a["fc"]
+    else:
+        a["act"] = a["hidden"] = activation(a["fc"], config.activation)
+    return linear(a["hidden"], P(h + "mlp.c_proj.weight"), P(h + "mlp.c_proj.bias"))
+
+
+def block_forward(x, P, h, config, rope_cs=None):
+    """One block. Pre-norm: x + attn(N1(x)), then + mlp(N2(.)). Post-norm ("Add & Norm"):
+    N1(x + attn(x)), then N2(. + mlp(.)). N is LayerNorm or RMSNorm. Returns the output and the
+    intermediates."""
+    eps, post, norm_fn = config.layer_norm_eps, config.norm == "post", NORMS[config.normalization][0]
     a = {"x_in": x}
-    norm = lambda name, t: layer_norm(t, P(h + name + ".weight"), P(h + name + ".bias"), eps)  # noqa: E731
+    norm = lambda name, t: norm_fn(t, P(h + name + ".weight"), P(h + name + ".bias"), eps)  # noqa: E731
     a["attn_in"] = x if post else norm("ln_1", x)
-    a["attn_out"] = attention_forward(a["attn_in"], P, h, config.n_head, a)
+    a["attn_out"] = attention_forward(a["attn_in"], P, h, config, rope_cs, a)
     a["sum_1"] = x + a["attn_out"]  # residual add
     a["x_mid"] = norm("ln_1", a["sum_1"]) if post else a["sum_1"]
     a["mlp_in"] = a["x_mid"] if post else norm("ln_2", a["x_mid"])
     a["ln_1"], a["ln_2"] = (a["x_mid"], None) if post else (a["attn_in"], a["mlp_in"])
-    a["fc"] = linear(a["mlp_in"], P(h + "mlp.c_fc.weight"), P(h + "mlp.c_fc.bias"))
-    a["act"] = activation(a["fc"], config.activation)
-    a["mlp_out"] = linear(a["act"], P(h + "mlp.c_proj.weight"), P(h + "mlp.c_proj.bias"))
+    a["mlp_out"] = mlp_forward(a["mlp_in"], P, h, config, a)
     a["sum_2"] = a["x_mid"] + a["mlp_out"]  # residual add
     a["x_out"] = norm("ln_2", a["sum_2"]) if post else a["sum_2"]
     if post:
@@ -254,13 +350,16 @@ def forward(params, config, idx, targets=None):
     acts["tok_emb"] = embed_tokens(idx, P("transformer.wte.weight"))
     if config.positions == "sinusoidal":
         acts["pos_emb"] = sinusoidal_positions(T, config.n_embd)
-    else:
+    elif config.positions == "learned":
         acts["pos_emb"] = embed_positions(T, P("transformer.wpe.weight"))
+    else:  # RoPE: nothing added here; each attention layer turns its queries and keys
+        acts["pos_emb"], acts["rope"] = np.zeros((T, config.n_embd)), rope_tables(T, config.head_dim, config.rope_theta)
     acts["x0"] = x = acts["tok_emb"] + acts["pos_emb"]
     for i in range(config.n_layer):
-        x, acts[f"layer{i}"] = block_forward(x, P, f"transformer.h.{i}.", config)
+        x, acts[f"layer{i}"] = block_forward(x, P, f"transformer.h.{i}.", config, acts.get("rope"))
     if config.norm == "pre":
-        x = acts["ln_f"] = layer_norm(x, P("transformer.ln_f.weight"), P("transformer.ln_f.bias"), config.layer_norm_eps)
+        norm = NORMS[config.normalization][0]
+        x = acts["ln_f"] = norm(x, P("transformer.ln_f.weight"), P("transformer.ln_f.bias"), config.layer_norm_eps)
     acts["final"] = x
     acts["logits"] = logits = x @ head_weight(params).T  # the LM head
     loss = cross_entropy(logits, targets) if targets is not None else None
@@ -272,14 +371,25 @@ def head_weight(params):
     return params.get("lm_head.weight", params["transformer.wte.weight"])
 
 
-def attention_backward(dout, a, P, h, n_head, put):
-    """Gradients through one block's attention; returns d(attention input)."""
+def attention_backward(dout, a, P, h, config, rope_cs, put):
+    """Gradients through one block's attention (attention_forward's steps in reverse); returns
+    d(attention input)."""
+    nh, nkv, eps = config.n_head, config.n_kv_head, config.layer_norm_eps
+    groups = nh // nkv
     dy, dW, db = linear_backward(dout, a["y"], P(h + "attn.c_proj.weight"))
     put(h + "attn.c_proj.weight", dW)
     put(h + "attn.c_proj.bias", db)
-    datt, dv = attend_backward(split_heads(dy, n_head), a["att"], a["v"])
+    datt, dv = attend_backward(split_heads(dy, nh), a["att"], repeat_kv(a["v"], groups))
     dscores = softmax_backward(datt, a["att"])  # the mask's -inf entries pass no gradient
-    dq, dk = attention_scores_backward(dscores, a["q"], a["k"])
+    dq, dk = attention_scores_backward(dscores, a["q"], repeat_kv(a["k"], groups))
+    dk, dv = repeat_kv_backward(dk, groups), repeat_kv_backward(dv, groups)
+    if rope_cs:
+        dq, dk = rope_backward(dq, *rope_cs), rope_backward(dk, *rope_cs)
+    if config.qk_norm:
+        dq, dwq, _ = rms_norm_backward(dq, a["q_lin"], P(h + "attn.q_norm.weight"), eps)
+        dk, dwk, _ = rms_norm_backward(dk, a["k_lin"], P(h + "attn.k_norm.weight"), eps)
+        put(h + "attn.q_norm.weight", dwq)
+        put(h + "attn.k_norm.weight", dwk)
     dqkv = np.concatenate([merge_heads(t) for t in (dq, dk, dv)], axis=-1)
     dx, dW, db = linear_backward(dqkv, a["attn_in"], P(h + "attn.c_attn.weight"))
     put(h + "attn.c_attn.weight", dW)
@@ -287,27 +397,41 @@ def attention_backward(dout, a, P, h, n_head, put):
     return dx
 
 
-def block_backward(dx, a, P, h, config, put):
+def mlp_backward(dout, a, P, h, config, put):
+    """Gradients through the feed-forward layer; returns d(its input)."""
+    dhidden, dW, db = linear_backward(dout, a["hidden"], P(h + "mlp.c_proj.weight"))
+    put(h + "mlp.c_proj.weight", dW)
+    put(h + "mlp.c_proj.bias", db)
+    dx = 0.0
+    if config.mlp == "gated":
+        dgate = activation_backward(dhidden * a["fc"], a["gate"], config.activation)
+        dx, dW, db = linear_backward(dgate, a["mlp_in"], P(h + "mlp.c_gate.weight"))
+        put(h + "mlp.c_gate.weight", dW)
+        put(h + "mlp.c_gate.bias", db)
+        dfc = dhidden * a["act"]
+    else:
+        dfc = activation_backward(dhidden, a["fc"], config.activation)
+    dmlp_in, dW, db = linear_backward(dfc, a["mlp_in"], P(h + "mlp.c_fc.weight"))
+    put(h + "mlp.c_fc.weight", dW)
+    put(h + "mlp.c_fc.bias", db)
+    return dx + dmlp_in
+
+
+def block_backward(dx, a, P, h, config, rope_cs, put):
     """Gradients through one block (block_forward's steps in reverse); returns d(block input)."""
-    eps, post = config.layer_norm_eps, config.norm == "post"
+    eps, post, norm_bwd = config.layer_norm_eps, config.norm == "post", NORMS[config.normalization][1]
 
     def norm_backward(name, dy, x):
-        d, dw, db = layer_norm_backward(dy, x, P(h + name + ".weight"), eps)
+        d, dw, db = norm_bwd(dy, x, P(h + name + ".weight"), eps)
         put(h + name + ".weight", dw)
         put(h + name + ".bias", db)
         return d
 
     dsum2 = norm_backward("ln_2", dx, a["sum_2"]) if post else dx
-    dact, dW, db = linear_backward(dsum2, a["act"], P(h + "mlp.c_proj.weight"))
-    put(h + "mlp.c_proj.weight", dW)
-    put(h + "mlp.c_proj.bias", db)
-    dfc = activation_backward(dact, a["fc"], config.activation)
-    dmlp_in, dW, db = linear_backward(dfc, a["mlp_in"], P(h + "mlp.c_fc.weight"))
-    put(h + "mlp.c_fc.weight", dW)
-    put(h + "mlp.c_fc.bias", db)
+    dmlp_in = mlp_backward(dsum2, a, P, h, config, put)
     dx_mid = dsum2 + (dmlp_in if post else norm_backward("ln_2", dmlp_in, a["x_mid"]))  # the residual passes dsum2
     dsum1 = norm_backward("ln_1", dx_mid, a["sum_1"]) if post else dx_mid
-    dattn_in = attention_backward(dsum1, a, P, h, config.n_head, put)
+    dattn_in = attention_backward(dsum1, a, P, h, config, rope_cs, put)
     return dsum1 + (dattn_in if post else norm_backward("ln_1", dattn_in, a["x_in"]))
 
 
@@ -318,7 +442,7 @@ def backward(params, config, acts, targets):
     grads = {}
 
     def put(name, g):
-        if name in params:
+        if name in params and g is not None:
             grads[name] = grads.get(name, 0.0) + g
 
     dlogits = cross_entropy_backward(acts["logits"], targets)
@@ -328,11 +452,11 @@ def backward(params, config, acts, targets):
     dx = dlogits @ W
     if config.norm == "pre":
         x_last = acts[f"layer{config.n_layer - 1}"]["x_out"] if config.n_layer else acts["x0"]
-        dx, dw, db = layer_norm_backward(dx, x_last, P("transformer.ln_f.weight"), config.layer_norm_eps)
+        dx, dw, db = NORMS[config.normalization][1](dx, x_last, P("transformer.ln_f.weight"), config.layer_norm_eps)
         put("transformer.ln_f.weight", dw)
         put("transformer.ln_f.bias", db)
     for i in reversed(range(config.n_layer)):
-        dx = block_backward(dx, acts[f"layer{i}"], P, f"transformer.h.{i}.", config, put)
+        dx = block_backward(dx, acts[f"layer{i}"], P, f"transformer.h.{i}.", config, acts.get("rope"), put)
     put("transformer.wte.weight", embed_tokens_backward(dx, acts["idx"], P("transformer.wte.weight").shape[0]))
     if "transformer.wpe.weight" in params:
         put("transformer.wpe.weight", embed_positions_backward(dx, P("transformer.wpe.weight").shape[0]))

@@ -169,7 +169,7 @@ def test_nanogpt_state_dict_loads_with_same_logits():
     (dict(vocab_size=0), "vocab_size must be a positive integer, got 0"),
     (dict(dropout=1.0), "dropout must be in [0, 1), got 1.0"),
     (dict(dropout=-0.1), "dropout must be in [0, 1), got -0.1"),
-    (dict(activation="swish"), "activation must be one of gelu, gelu_tanh, relu; got 'swish'"),
+    (dict(activation="swish"), "activation must be one of gelu, gelu_tanh, relu, silu; got 'swish'"),
     (dict(positions="rotary"), "positions must be one of learned, sinusoidal"),
     (dict(norm="sandwich"), "norm must be one of pre, post"),
 ])

@@ -115,7 +115,9 @@ def test_model_args_are_exactly_nanogpts_fields(trained_chinese):
     ckpt = torch.load(base / "out" / "chinese" / "ckpt.pt", weights_only=True)
     assert set(ckpt["model_args"]) == {f.name for f in fields(NanoGPTConfig)}, "nanoGPT calls GPTConfig(**model_args)"
     assert ckpt["model_extra"] == {"activation": "gelu", "positions": "learned", "norm": "pre", "head": "tied",
-                                   "layer_norm_eps": 1e-5}, \
+                                   "layer_norm_eps": 1e-5, "normalization": "layernorm", "mlp": "standard",
+                                   "rope_theta": 10000.0, "n_kv_head": 4, "head_dim": 16, "intermediate_size": 256,
+                                   "qk_norm": False, "qkv_bias": False}, \
         "our other architecture fields go where nanoGPT does not look"
 
 
