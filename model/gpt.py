@@ -188,8 +188,8 @@ class CausalSelfAttention(nn.Module):
         q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, q + 2 * kv, bias=config.bias or config.qkv_bias)  # Q, K, V at once
         self.c_proj = nn.Linear(q, config.n_embd, bias=config.bias)  # heads joined -> C
-        self.q_norm = norm_layer(config, config.head_dim) if config.qk_norm else nn.Identity()
-        self.k_norm = norm_layer(config, config.head_dim) if config.qk_norm else nn.Identity()
+        qk_norm = lambda: nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps) if config.qk_norm else nn.Identity()  # noqa: E731
+        self.q_norm, self.k_norm = qk_norm(), qk_norm()  # Qwen3: each head's queries and keys RMS-normed
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 

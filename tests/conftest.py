@@ -18,6 +18,10 @@ SORT_MODEL = dict(n_layer=3, n_head=3, n_embd=48, vocab_size=3, block_size=11, b
 # the original Transformer's choices as the explainers draw them, and minGPT's
 EXPLAINER_ARCH = dict(positions="sinusoidal", norm="post", activation="relu")
 MINGPT_ARCH = dict(head="untied", activation="gelu_tanh")
+# what Llama and Qwen changed (n_kv_head and head_dim are set per model: they depend on n_head and n_embd)
+LLAMA_ARCH = dict(positions="rope", normalization="rmsnorm", mlp="gated", activation="silu", bias=False, head="untied")
+QWEN2_ARCH = dict(LLAMA_ARCH, qkv_bias=True, head="tied", rope_theta=1e6)
+QWEN3_ARCH = dict(LLAMA_ARCH, qk_norm=True, rope_theta=1e6)
 
 
 def random_model(seed=0, dtype=torch.float64, **kw):
@@ -27,7 +31,7 @@ def random_model(seed=0, dtype=torch.float64, **kw):
     model = GPT(GPTConfig(**kw)).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".ln_" in name or "ln_f" in name or name.endswith("bias"):
+            if ".ln_" in name or "ln_f" in name or "_norm." in name or name.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("weight") else 0.0))
     return model.eval()
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EXPLAINER_ARCH, MINGPT_ARCH, SORT_MODEL, random_model
+from conftest import EXPLAINER_ARCH, LLAMA_ARCH, MINGPT_ARCH, QWEN2_ARCH, QWEN3_ARCH, SORT_MODEL, random_model
 from model import GPT, GPTConfig
 from model import reference as ref
 from model.checkpoint import model_from_checkpoint
@@ -21,7 +21,13 @@ CONFIGS = [  # (config, T): bias on/off, 1 to 4 heads, both GELU forms, T shorte
     (dict(n_layer=2, n_head=3, n_embd=18, vocab_size=5, block_size=8, bias=False, **EXPLAINER_ARCH, head="untied"), 6),
     (dict(SORT_MODEL, **MINGPT_ARCH), 11),
     (dict(n_layer=1, n_head=2, n_embd=10, vocab_size=6, block_size=7, positions="sinusoidal", norm="pre"), 7),
-]
+] + [(dict(n_layer=2, n_head=4, n_embd=16, vocab_size=7, block_size=9, **arch), 9) for arch in (
+    # each of Llama's and Qwen's choices alone, then together
+    dict(positions="rope", rope_theta=500.0), dict(normalization="rmsnorm"), dict(normalization="rmsnorm", norm="post"),
+    dict(mlp="gated", activation="silu", intermediate_size=20), dict(mlp="gated", activation="gelu"),
+    dict(n_kv_head=2), dict(n_kv_head=1, positions="rope"), dict(head_dim=6), dict(qk_norm=True),
+    dict(bias=False, qkv_bias=True), dict(LLAMA_ARCH, n_kv_head=2), dict(QWEN2_ARCH, n_kv_head=2, intermediate_size=24),
+    dict(QWEN3_ARCH, n_kv_head=2, head_dim=6))]
 
 
 def batch(cfg, T, B=3, seed=0):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import EXPLAINER_ARCH, MINGPT_ARCH, SORT_MODEL, random_model
+from conftest import EXPLAINER_ARCH, LLAMA_ARCH, MINGPT_ARCH, QWEN2_ARCH, QWEN3_ARCH, SORT_MODEL, random_model
 from model import reference as ref
 from model.config import TrainConfig
 from model.schedule import get_lr
@@ -21,6 +21,15 @@ GRAD_CONFIGS = [
     dict(n_layer=2, n_head=2, n_embd=16, vocab_size=9, block_size=12, **EXPLAINER_ARCH),
     dict(n_layer=2, n_head=2, n_embd=16, vocab_size=9, block_size=12, bias=False, **EXPLAINER_ARCH, head="untied"),
     dict(SORT_MODEL, **MINGPT_ARCH),
+    dict(SORT_MODEL, positions="rope", rope_theta=300.0),
+    dict(SORT_MODEL, normalization="rmsnorm"),
+    dict(SORT_MODEL, mlp="gated", activation="silu", intermediate_size=40),
+    dict(n_layer=2, n_head=4, n_embd=16, vocab_size=9, block_size=12, n_kv_head=2),
+    dict(n_layer=2, n_head=2, n_embd=16, vocab_size=9, block_size=12, head_dim=6, qk_norm=True),
+    dict(SORT_MODEL, bias=False, qkv_bias=True),
+    dict(n_layer=2, n_head=4, n_embd=16, vocab_size=9, block_size=12, **LLAMA_ARCH, n_kv_head=2),
+    dict(n_layer=2, n_head=4, n_embd=16, vocab_size=9, block_size=12, **QWEN2_ARCH, n_kv_head=1),
+    dict(n_layer=2, n_head=4, n_embd=16, vocab_size=9, block_size=12, **QWEN3_ARCH, n_kv_head=2, head_dim=6),
 ]
 
 
@@ -42,7 +51,8 @@ def sample_batch(cfg, B=4, seed=0):
 
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 @pytest.mark.parametrize("cfg", GRAD_CONFIGS, ids=lambda c: "-".join(f"{v}" for k, v in c.items() if k in (
-    "n_embd", "activation", "bias", "positions", "norm", "head")))
+    "n_embd", "activation", "bias", "positions", "norm", "head", "normalization", "mlp", "n_kv_head", "head_dim",
+    "qk_norm", "qkv_bias")))
 def test_reference_gradients_match_autograd(cfg, attention):
     model = random_model(seed=7, **cfg, attention=attention)
     idx, targets = sample_batch(cfg)
@@ -79,7 +89,9 @@ def test_reference_gradients_match_finite_differences():
                 f"{name}{i}: analytic {grads[name][i]:.8g} vs finite difference {numeric:.8g}")
 
 
-@pytest.mark.parametrize("arch", [{}, EXPLAINER_ARCH, MINGPT_ARCH], ids=["gpt2", "explainer", "mingpt"])
+@pytest.mark.parametrize("arch", [{}, EXPLAINER_ARCH, MINGPT_ARCH, dict(LLAMA_ARCH, n_kv_head=1),
+                                  dict(QWEN2_ARCH, n_kv_head=1), dict(QWEN3_ARCH, n_kv_head=1, head_dim=8)],
+                         ids=["gpt2", "explainer", "mingpt", "llama", "qwen2", "qwen3"])
 def test_ten_training_steps_match_the_reference(arch):
     """The project's own train_step (what train.py runs) against the reference's backward,
     clipping and AdamW, with gradient accumulation and the project's LR schedule."""
@@ -87,7 +99,7 @@ def test_ten_training_steps_match_the_reference(arch):
                       weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=0.5, batch_size=8,
                       gradient_accumulation_steps=2)
     task = SortTask(seed=0)
-    model = random_model(seed=11, **SORT_MODEL, **arch)
+    model = random_model(seed=11, **{**SORT_MODEL, **arch})
     model.train()
     params = ref.params_from_state_dict(model.state_dict())
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu")

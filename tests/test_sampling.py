@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sample as sample_cli
-from conftest import EXPLAINER_ARCH, MINGPT_ARCH, random_model, working_dir
+from conftest import EXPLAINER_ARCH, LLAMA_ARCH, MINGPT_ARCH, QWEN3_ARCH, random_model, working_dir
 from model.sampling import generate, next_token_probs, sample_next_token
 
 
@@ -48,7 +48,9 @@ def test_same_seed_same_output():
     assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
 
 
-ARCHS = pytest.mark.parametrize("arch", [{}, EXPLAINER_ARCH, MINGPT_ARCH], ids=["gpt2", "explainer", "mingpt"])
+ARCHS = pytest.mark.parametrize("arch", [{}, EXPLAINER_ARCH, MINGPT_ARCH, dict(LLAMA_ARCH, n_kv_head=1),
+                                          dict(QWEN3_ARCH, n_kv_head=1, head_dim=12)],
+                                 ids=["gpt2", "explainer", "mingpt", "llama", "qwen3"])
 
 
 @ARCHS
