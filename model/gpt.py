@@ -161,11 +161,12 @@ def norm_layer(config, dim=None):
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so generation feeds one new
-    token per step instead of the whole sequence. Each layer's store is (B, nkv, block_size, hs):
-    with grouped-query attention it holds only the shared heads."""
+    token per step instead of the whole sequence. Each layer's store is (B, nkv, length, hs), length
+    block_size or what a generation needs (a Qwen's block_size is 32768); with grouped-query
+    attention it holds only the shared heads."""
 
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_kv_head, config.block_size, config.head_dim)
+    def __init__(self, config, batch_size, device, dtype, length=None):
+        shape = (batch_size, config.n_kv_head, length or config.block_size, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens stored so far (the position of the next token)
@@ -372,9 +373,10 @@ class GPT(nn.Module):
             raise ValueError(
                 f"token ids {bad[:10]} are outside the vocabulary [0, {self.config.vocab_size})")
 
-    def new_kv_cache(self, batch_size):
+    def new_kv_cache(self, batch_size, length=None):
+        """A cache for batch_size sequences of up to `length` tokens (default block_size)."""
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, p.device, p.dtype)
+        return KVCache(self.config, batch_size, p.device, p.dtype, length)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices and embeddings (2+ dims) only, never on biases

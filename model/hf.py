@@ -1,10 +1,13 @@
-"""Hugging Face GPT-2 folders, read as checkpoints and written from them, without transformers.
+"""Hugging Face folders of GPT-2, Llama, Qwen2 and Qwen3, read as checkpoints and written from
+them, without transformers.
 
-A folder is config.json (model_type gpt2) + model.safetensors or pytorch_model.bin + tokenizer
-files (tokenizer.json, vocab.json + merges.txt, or vocab.txt). GPT-2 keeps its linear layers as
-"Conv1D" modules, whose weights are (in, out): they are transposed to our (out, in). Weights are
-read with the safetensors library or torch.load(weights_only=True): no code runs. Nothing is
-ever downloaded: fetch a folder once with the Hugging Face CLI (README, "Start from GPT-2").
+A folder is config.json (its model_type says the architecture) + model.safetensors (or shards
+listed in model.safetensors.index.json, or pytorch_model.bin) + tokenizer files (tokenizer.json,
+vocab.json + merges.txt, or vocab.txt). GPT-2 keeps its linear layers as "Conv1D" modules, whose
+weights are (in, out): they are transposed to our (out, in). The Llama family keeps Q, K and V
+as three matrices, which become our one c_attn. Weights are read with the safetensors library or
+torch.load(weights_only=True): no code runs. Nothing is ever downloaded: fetch a folder once with
+the Hugging Face CLI (README, "Start from GPT-2").
 """
 
 import json
@@ -13,6 +16,7 @@ from pathlib import Path
 import torch
 
 from model.errors import UserError
+from model.gpt import NANOGPT_FIELDS
 from model.tokenizer import HFTokenizer, hf, load_tokenizer_files
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -34,6 +38,9 @@ def safetensors_torch():
     return safetensors.torch
 
 
+LLAMA_FAMILY = ("llama", "qwen2", "qwen3")  # model_types read and written besides gpt2
+
+
 def config_from_hf(folder):
     """config.json -> GPTConfig fields. Anything we do not compute the same is refused, naming the field."""
     path = Path(folder) / "config.json"
@@ -42,8 +49,14 @@ def config_from_hf(folder):
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not JSON: {e}") from None
     refuse = lambda field, why: UserError(f"{path}: {field}={hf.get(field)!r} {why}; this model cannot be loaded")  # noqa: E731
+    if hf.get("model_type") in LLAMA_FAMILY:
+        return llama_config(hf, refuse)
     if hf.get("model_type") != "gpt2":
-        raise refuse("model_type", "is not gpt2, the one architecture read here")
+        raise refuse("model_type", f"is not one of gpt2, {', '.join(LLAMA_FAMILY)}, the architectures read here")
+    return gpt2_config(hf, refuse)
+
+
+def gpt2_config(hf, refuse):
     if hf.get("activation_function", "gelu_new") not in ACTIVATIONS:
         raise refuse("activation_function", f"is not one of {', '.join(ACTIVATIONS)}")
     if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
@@ -57,15 +70,43 @@ def config_from_hf(folder):
                 layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
 
 
-def weights_from_hf(folder):
-    """The folder's weights in our layout (nanoGPT's keys, Linear weights (out, in))."""
+def llama_config(hf, refuse):
+    """A Llama, Qwen2 or Qwen3 config.json -> GPTConfig fields: RoPE, RMSNorm, the gated SiLU
+    feed-forward, grouped-query attention; Qwen2 adds Q/K/V biases, Qwen3 per-head Q/K norms."""
+    rope = hf.get("rope_scaling") or {k: v for k, v in (hf.get("rope_parameters") or {}).items() if k != "rope_theta"}
+    if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise refuse("rope_scaling", "is a RoPE scaling this project does not compute (only plain RoPE)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise refuse("hidden_act", "is not silu, the gated feed-forward's activation computed here")
+    for field in ("use_sliding_window", "attention_bias", "mlp_bias"):
+        if hf.get(field):
+            raise refuse(field, "is not computed here")
+    heads = hf["num_attention_heads"]
+    return dict(n_layer=hf["num_hidden_layers"], n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads,
+                n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+                intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+                block_size=hf["max_position_embeddings"], bias=False, dropout=0.0, positions="rope",
+                rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                normalization="rmsnorm", mlp="gated", activation="silu", layer_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                head="tied" if hf.get("tie_word_embeddings", False) else "untied",
+                qkv_bias=hf["model_type"] == "qwen2", qk_norm=hf["model_type"] == "qwen3")
+
+
+def load_state(folder):
+    """Every tensor of the folder: model.safetensors, its shards (model.safetensors.index.json), or pytorch_model.bin."""
     folder = Path(folder)
     if (folder / "model.safetensors").is_file():
-        state = safetensors_torch().load_file(str(folder / "model.safetensors"))
-    elif (folder / "pytorch_model.bin").is_file():
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise UserError(f"{folder} has config.json but no model.safetensors or pytorch_model.bin")
+        return safetensors_torch().load_file(str(folder / "model.safetensors"))
+    if (folder / "model.safetensors.index.json").is_file():
+        shards = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()
+        return {k: v for shard in sorted(set(shards)) for k, v in safetensors_torch().load_file(str(folder / shard)).items()}
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise UserError(f"{folder} has config.json but no model.safetensors (or its shards) or pytorch_model.bin")
+
+
+def gpt2_weights(state):
+    """GPT-2's weights in our layout (nanoGPT's keys, Linear weights (out, in))."""
     out = {}
     for key, value in state.items():
         key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key  # GPT2Model saves without
@@ -73,11 +114,35 @@ def weights_from_hf(folder):
     return out
 
 
+# ours <- the Llama family's, within block i (transformer.h.{i}. <- model.layers.{i}.)
+LLAMA_KEYS = {"ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_attention_layernorm.weight",
+              "attn.c_proj.weight": "self_attn.o_proj.weight", "attn.q_norm.weight": "self_attn.q_norm.weight",
+              "attn.k_norm.weight": "self_attn.k_norm.weight", "mlp.c_gate.weight": "mlp.gate_proj.weight",
+              "mlp.c_fc.weight": "mlp.up_proj.weight", "mlp.c_proj.weight": "mlp.down_proj.weight"}
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def llama_weights(state, n_layer):
+    """The Llama family's weights in our layout: Q, K and V stacked into c_attn."""
+    out = {"transformer.wte.weight": state["model.embed_tokens.weight"], "transformer.ln_f.weight": state["model.norm.weight"]}
+    if "lm_head.weight" in state:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(n_layer):
+        theirs, ours = f"model.layers.{i}.", f"transformer.h.{i}."
+        out.update({ours + o: state[theirs + t] for o, t in LLAMA_KEYS.items() if theirs + t in state})
+        for kind in ("weight", "bias"):
+            if f"{theirs}{QKV[0]}.{kind}" in state:
+                out[f"{ours}attn.c_attn.{kind}"] = torch.cat([state[f"{theirs}{m}.{kind}"] for m in QKV])
+    return out
+
+
 def read_folder(folder):
-    """A GPT-2 folder as a checkpoint of ours (no optimizer state: it can be fine-tuned, not resumed)."""
+    """A Hugging Face folder as a checkpoint of ours (no optimizer state: it can be fine-tuned, not resumed)."""
     args = config_from_hf(folder)
-    extra = {k: args.pop(k) for k in ("activation", "layer_norm_eps")}
-    return {"model": weights_from_hf(folder), "model_args": args, "model_extra": extra,
+    state = load_state(folder)
+    weights = llama_weights(state, args["n_layer"]) if args.get("positions") == "rope" else gpt2_weights(state)
+    extra = {k: args.pop(k) for k in list(args) if k not in NANOGPT_FIELDS}
+    return {"model": weights, "model_args": args, "model_extra": extra,
             "tokenizer": load_tokenizer_files(folder).to_dict(), "task": {"type": "text"},
             "iter_num": 0, "best_val_loss": float("inf"), "config": {"source": str(Path(folder).resolve())}}
 
@@ -119,22 +184,68 @@ def char_tokenizer_json(tokenizer):
     return HFTokenizer(tok, "file")
 
 
+def llama_hf_config(config, model_type, tokenizer):
+    """GPTConfig -> a Llama, Qwen2 or Qwen3 config.json."""
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[model_type]
+    end = tokenizer.tok.token_to_id("<|endoftext|>")
+    out = {"architectures": [arch], "model_type": model_type, "vocab_size": config.vocab_size,
+           "hidden_size": config.n_embd, "intermediate_size": config.intermediate_size,
+           "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+           "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim,
+           "max_position_embeddings": config.block_size, "rms_norm_eps": config.layer_norm_eps,
+           "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+           "hidden_act": "silu", "tie_word_embeddings": config.head == "tied", "attention_dropout": 0.0,
+           "bos_token_id": end, "eos_token_id": end}
+    return out if model_type == "llama" else {**out, "use_sliding_window": False}
+
+
+def llama_hf_weights(model):
+    """Our weights in the Llama family's layout: c_attn split into Q, K and V; a tied LM head left out."""
+    c, state = model.config, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out = {"model.embed_tokens.weight": state["transformer.wte.weight"], "model.norm.weight": state["transformer.ln_f.weight"]}
+    if c.head == "untied":
+        out["lm_head.weight"] = state["lm_head.weight"]
+    sizes = [c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.n_kv_head * c.head_dim]
+    for i in range(c.n_layer):
+        theirs, ours = f"model.layers.{i}.", f"transformer.h.{i}."
+        out.update({theirs + t: state[ours + o] for o, t in LLAMA_KEYS.items() if ours + o in state})
+        for kind in ("weight", "bias"):
+            if f"{ours}attn.c_attn.{kind}" in state:
+                parts = state[f"{ours}attn.c_attn.{kind}"].split(sizes)
+                out.update({f"{theirs}{m}.{kind}": t for m, t in zip(QKV, parts)})
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def folder_format(config):
+    """The Hugging Face architecture that computes what `config` does: gpt2, llama, qwen2 or qwen3.
+    A model neither holds is refused, naming the field."""
+    rope = config.positions == "rope"
+    needs = ({"normalization": "rmsnorm", "mlp": "gated", "activation": "silu", "norm": "pre", "bias": False} if rope else
+             {"positions": "learned", "norm": "pre", "head": "tied", "normalization": "layernorm", "mlp": "standard",
+              "n_kv_head": config.n_head, "head_dim": config.n_embd // config.n_head,
+              "intermediate_size": 4 * config.n_embd, "qk_norm": False, "qkv_bias": False})
+    name = "a Llama-family" if rope else "a GPT-2"
+    for field, value in {**needs, **({"qkv_bias": False} if rope and config.qk_norm else {})}.items():
+        if getattr(config, field) != value:
+            raise UserError(f"{name} folder cannot hold {field}={getattr(config, field)!r} (it has {field}={value!r}); "
+                            f"keep this model in our format (--to=ours)")
+    return ("qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else "llama") if rope else "gpt2"
+
+
 def write_folder(model, tokenizer, dest, chat=None):
-    """Write DEST as a GPT-2 folder: model.safetensors, config.json, tokenizer.json and
-    tokenizer_config.json, which transformers' GPT2LMHeadModel and AutoTokenizer load. A model
-    GPT-2 cannot express (sinusoidal positions, post-LN, an untied head) is refused. With `chat`
-    (a model's ChatTemplate), its template goes where transformers reads one, its end of turn is
-    the eos and pad token, and generation_config.json says so."""
-    gpt2 = {"positions": "learned", "norm": "pre", "head": "tied"}
-    for field, value in gpt2.items():
-        if getattr(model.config, field) != value:
-            raise UserError(f"a GPT-2 folder cannot hold {field}={getattr(model.config, field)!r} (GPT-2 has "
-                            f"{field}={value!r}); keep this model in our format (--to=ours)")
+    """Write DEST as a Hugging Face folder of the architecture that computes what the model does
+    (GPT-2, or Llama / Qwen2 / Qwen3 for RoPE models): model.safetensors, config.json,
+    tokenizer.json and tokenizer_config.json, which transformers' AutoModelForCausalLM and
+    AutoTokenizer load. With `chat` (a model's ChatTemplate), its template goes where transformers
+    reads one, its end of turn is the eos and pad token, and generation_config.json says so."""
+    kind = folder_format(model.config)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     exported = char_tokenizer_json(tokenizer) if tokenizer.kind == "char" else tokenizer
-    safetensors_torch().save_file(hf_weights(model), str(dest / "model.safetensors"), metadata={"format": "pt"})
-    (dest / "config.json").write_text(json.dumps(hf_config(model.config, exported), indent=2) + "\n")
+    weights, config = ((hf_weights(model), hf_config(model.config, exported)) if kind == "gpt2" else
+                       (llama_hf_weights(model), llama_hf_config(model.config, kind, exported)))
+    safetensors_torch().save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     exported.tok.save(str(dest / "tokenizer.json"))
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size}
     if chat is not None:

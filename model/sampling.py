@@ -58,7 +58,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
         if not use_cache:
             logits, _ = model(idx[:, start:])
         elif cache is None:
-            cache = model.new_kv_cache(idx.size(0))
+            cache = model.new_kv_cache(idx.size(0), min(block_size, idx.size(1) - start + max_new_tokens))
             logits, _ = model(idx[:, start:], kv_cache=cache)
         else:
             logits, _ = model(idx[:, -1:], kv_cache=cache)

@@ -235,7 +235,7 @@ def test_the_gpt2_fine_tune_config_runs_on_a_gpt2_folder(folders, tmp_path, caps
 # ---- refusals -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field,value,message", [
-    ("model_type", "llama", "model_type='llama' is not gpt2"),
+    ("model_type", "mistral", "model_type='mistral' is not one of gpt2, llama, qwen2, qwen3"),
     ("activation_function", "silu", "activation_function='silu' is not one of gelu_new, gelu_pytorch_tanh, gelu, relu"),
     ("n_inner", 64, "n_inner=64 is not 4 x n_embd = 128"),
     ("scale_attn_by_inverse_layer_idx", True, "scale_attn_by_inverse_layer_idx=True differs from False"),
