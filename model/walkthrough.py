@@ -30,7 +30,7 @@ from model import reference as ref
 from model.checkpoint import open_model
 from model.config import WalkthroughConfig, load_config, run_command
 from model.errors import UserError
-from model.gpt import causal_mask
+from model.gpt import causal_mask, rotate
 from model.tasks import ChatTask
 from model.tokenizer import visible
 
@@ -72,6 +72,7 @@ ACTIVATION_STEPS = {  # config name -> (the step's name, its formula)
     "gelu": ("GELU", "GELU(h) = h * Phi(h)  (Phi: the normal distribution's CDF)"),
     "gelu_tanh": ("GELU", "GELU(h) = 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))"),
     "relu": ("ReLU", "ReLU(h) = max(0, h)"),
+    "silu": ("SiLU", "SiLU(h) = h * sigmoid(h)"),
 }
 
 
@@ -88,27 +89,46 @@ def walk(params, config, ids, tokens, vocab, layers, heads, temperature):
 
 
 def embedding_steps(acts, config, rows, chan):
+    tok = Step("token embedding", "X_tok[t] = W_te[id_t]  (row id_t of the V x C embedding matrix)",
+               "T x C", acts["tok_emb"][0], rows, chan, "tok_emb")
+    if config.positions == "rope":  # nothing is added: each attention layer turns Q and K by position
+        return [Step("token embedding: the input to block 0", tok.formula + "; no position is added (RoPE turns Q "
+                     "and K in each attention layer)", "T x C", acts["x0"][0], rows, chan, "x0")]
     if config.positions == "sinusoidal":
         pos = Step("positional encoding", "PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(pos / "
                    "10000^(2i/C))  (fixed, nothing learned)", "T x C", acts["pos_emb"], rows, chan, "pos_emb")
     else:
         pos = Step("position embedding", "X_pos[t] = W_pe[t]  (row t of the block_size x C matrix)",
                    "T x C", acts["pos_emb"], rows, chan, "pos_emb")
-    return [Step("token embedding", "X_tok[t] = W_te[id_t]  (row id_t of the V x C embedding matrix)",
-                 "T x C", acts["tok_emb"][0], rows, chan, "tok_emb"), pos,
-            Step("embeddings summed: the input to block 0", "x = X_tok + X_pos", "T x C", acts["x0"][0], rows, chan,
-                 "x0")]
+    return [tok, pos, Step("embeddings summed: the input to block 0", "x = X_tok + X_pos", "T x C", acts["x0"][0], rows,
+                           chan, "x0")]
 
 
-def head_steps(a, i, h, hs, rows, source):
-    """Q, K, V, the scores, scaling, mask, softmax and weighted values of one head."""
-    span = f"channels {h * hs}..{h * hs + hs - 1} of"
-    q, k, v = a["q"][0, h], a["k"][0, h], a["v"][0, h]
-    hd, p, key = [f"c{j}" for j in range(hs)], f"block {i}, head {h}", f"layer{i}.head{h}"
-    return [
-        Step(f"{p}: queries", f"Q = {span} {source} W_q^T + b_q", "T x hs", q, rows, hd, f"{key}.q"),
-        Step(f"{p}: keys", f"K = {span} {source} W_k^T + b_k", "T x hs", k, rows, hd, f"{key}.k"),
-        Step(f"{p}: values", f"V = {span} {source} W_v^T + b_v", "T x hs", v, rows, hd, f"{key}.v"),
+def head_steps(a, i, h, config, rows, source):
+    """Q, K, V of one head (its shared key/value head under grouped-query attention), their norms
+    and turns where the model has them, then the scores, scaling, mask, softmax and weighted values."""
+    hs, groups = config.head_dim, config.n_head // config.n_kv_head
+    kv = h // groups
+    p, key, hd = f"block {i}, head {h}", f"layer{i}.head{h}", [f"c{j}" for j in range(hs)]
+    shared = f" (key/value head {kv}, shared by query heads {kv * groups}..{kv * groups + groups - 1})" if groups > 1 else ""
+    qspan, kspan = f"channels {h * hs}..{h * hs + hs - 1} of", f"channels {kv * hs}..{kv * hs + hs - 1} of"
+    steps = [Step(f"{p}: queries", f"Q = {qspan} {source} W_q^T + b_q", "T x hs", a["q_lin"][0, h], rows, hd, f"{key}.q_lin"),
+             Step(f"{p}: keys{shared}", f"K = {kspan} {source} W_k^T + b_k", "T x hs", a["k_lin"][0, kv], rows, hd,
+                  f"{key}.k_lin"),
+             Step(f"{p}: values{shared}", f"V = {kspan} {source} W_v^T + b_v", "T x hs", a["v"][0, kv], rows, hd,
+                  f"{key}.v")]
+    if config.qk_norm:
+        steps += [Step(f"{p}: queries normed", "RMSNorm(Q) = Q / sqrt(mean(Q^2) + eps) * g_q, each row", "T x hs",
+                       a["q_normed"][0, h], rows, hd, f"{key}.q_normed"),
+                  Step(f"{p}: keys normed", "RMSNorm(K) = K / sqrt(mean(K^2) + eps) * g_k, each row", "T x hs",
+                       a["k_normed"][0, kv], rows, hd, f"{key}.k_normed")]
+    if config.positions == "rope":
+        turn = (f"channels j and j + {hs // 2} of row t turned by the angle t * {config.rope_theta:g}^(-2j/{hs}): "
+                f"x cos + rotate_half(x) sin")
+        steps += [Step(f"{p}: queries turned by position (RoPE)", turn, "T x hs", a["q"][0, h], rows, hd, f"{key}.q"),
+                  Step(f"{p}: keys turned by position (RoPE)", turn, "T x hs", a["k"][0, kv], rows, hd, f"{key}.k")]
+    q, k = a["q"][0, h], a["k"][0, kv]
+    return steps + [
         Step(f"{p}: scores", "Q K^T  (row: the query's token, column: the key's)", "T x T", q @ k.T, rows, rows,
              f"{key}.qk"),
         Step(f"{p}: scaled scores", f"Q K^T / sqrt(hs) = Q K^T / {math.sqrt(hs):.4g}", "T x T", a["scores"][0, h],
@@ -121,36 +141,58 @@ def head_steps(a, i, h, hs, rows, source):
     ]
 
 
+NORM_FORMULAS = {"layernorm": "LN(x) = (x - mean(x)) / sqrt(var(x) + {eps}) * gamma + beta, each row",
+                 "rmsnorm": "RMSNorm(x) = x / sqrt(mean(x^2) + {eps}) * gamma, each row"}
+
+
 def block_steps(a, i, config, heads, rows, chan):
-    """One block's steps. Pre-LN: LN, attention, add, LN, feed-forward, add. Post-LN (the
+    """One block's steps. Pre-norm: norm, attention, add, norm, feed-forward, add. Post-norm (the
     explainers' order): attention, add & norm, feed-forward, add & norm."""
     post, b, key = config.norm == "post", f"block {i}", f"layer{i}"
-    eps, wide = f"{config.layer_norm_eps:g}", [f"c{j}" for j in range(4 * config.n_embd)]
-    act, act_formula = ACTIVATION_STEPS[config.activation]
-    ln = f"LN(x) = (x - mean(x)) / sqrt(var(x) + {eps}) * gamma + beta, each row"
-    titles = ([f"{b}: add & norm: LayerNorm 1", f"{b}: add & norm: LayerNorm 2: the block's output",
-               f"{b}: add (residual)"] if post else
-              [f"{b}: LayerNorm 1", f"{b}: LayerNorm 2", f"{b}: add (residual): the block's output"])
-    norm_1 = Step(titles[0], ln, "T x C", a["ln_1"][0], rows, chan, f"{key}.ln_1")
-    norm_2 = Step(titles[1], "LN(x), as LayerNorm 1 with its own gamma, beta", "T x C", a["ln_2"][0], rows, chan,
-                  f"{key}.ln_2")
+    n = "RMSNorm" if config.normalization == "rmsnorm" else "LayerNorm"
+    titles = ([f"{b}: add & norm: {n} 1", f"{b}: add & norm: {n} 2: the block's output", f"{b}: add (residual)"] if post
+              else [f"{b}: {n} 1", f"{b}: {n} 2", f"{b}: add (residual): the block's output"])
+    norm_1 = Step(titles[0], NORM_FORMULAS[config.normalization].format(eps=f"{config.layer_norm_eps:g}"), "T x C",
+                  a["ln_1"][0], rows, chan, f"{key}.ln_1")
+    norm_2 = Step(titles[1], f"{n}(x), as {n} 1 with its own gamma", "T x C", a["ln_2"][0], rows, chan, f"{key}.ln_2")
     add_1 = Step(f"{b}: add (residual)", "x + attention output", "T x C", a["sum_1"][0], rows, chan, f"{key}.sum_1")
     add_2 = Step(titles[2], "x + feed-forward output", "T x C", a["sum_2"][0], rows, chan, f"{key}.sum_2")
-    source = "x" if post else "LN(x)"
+    source = "x" if post else f"{n}(x)".replace("LayerNorm", "LN")
     steps = [] if post else [norm_1]
     for h in heads:
-        steps += head_steps(a, i, h, config.n_embd // config.n_head, rows, source)
-    steps += [Step(f"{b}: heads joined", f"[head 0 | ... | head {config.n_head - 1}], side by side", "T x C",
-                   a["y"][0], rows, chan, f"{key}.y"),
+        steps += head_steps(a, i, h, config, rows, source)
+    joined = [f"c{j}" for j in range(config.n_head * config.head_dim)]
+    wide_heads = "T x C" if len(joined) == config.n_embd else "T x nh hs"
+    steps += [Step(f"{b}: heads joined", f"[head 0 | ... | head {config.n_head - 1}], side by side", wide_heads,
+                   a["y"][0], rows, joined, f"{key}.y"),
               Step(f"{b}: attention output", "joined heads W_o^T + b_o  (c_proj)", "T x C", a["attn_out"][0], rows,
                    chan, f"{key}.attn_out")]
     steps += [add_1, norm_1] if post else [add_1, norm_2]
-    steps += [Step(f"{b}: feed-forward, first layer", f"h = {source} W_1^T + b_1  (C -> 4C)", "T x 4C", a["fc"][0],
-                   rows, wide, f"{key}.fc"),
-              Step(f"{b}: {act}", act_formula, "T x 4C", a["act"][0], rows, wide, f"{key}.act"),
-              Step(f"{b}: feed-forward, second layer", f"{act}(h) W_2^T + b_2  (4C -> C)", "T x C", a["mlp_out"][0],
-                   rows, chan, f"{key}.mlp_out")]
+    steps += mlp_steps(a, b, key, config, rows, chan, source)
     return steps + ([add_2, norm_2] if post else [add_2])
+
+
+def mlp_steps(a, b, key, config, rows, chan, source):
+    """The feed-forward layer: act(x W_1) W_2, or gated (SwiGLU): (act(x W_gate) * x W_up) W_down."""
+    act, act_formula = ACTIVATION_STEPS[config.activation]
+    inner = "4C" if config.intermediate_size == 4 * config.n_embd else "I"
+    wide, width = [f"c{j}" for j in range(config.intermediate_size)], f"T x {inner}"
+    if config.mlp == "gated":
+        return [Step(f"{b}: feed-forward, gate", f"g = {source} W_gate^T  (C -> I)", width, a["gate"][0], rows, wide,
+                     f"{key}.gate"),
+                Step(f"{b}: {act} of the gate", act_formula.replace("h", "g"), width, a["act"][0], rows, wide,
+                     f"{key}.act"),
+                Step(f"{b}: feed-forward, up", f"u = {source} W_up^T  (C -> I)", width, a["fc"][0], rows, wide,
+                     f"{key}.fc"),
+                Step(f"{b}: gated", f"{act}(g) * u, channel by channel", width, a["hidden"][0], rows, wide,
+                     f"{key}.hidden"),
+                Step(f"{b}: feed-forward, down", "gated W_down^T  (I -> C)", "T x C", a["mlp_out"][0], rows, chan,
+                     f"{key}.mlp_out")]
+    return [Step(f"{b}: feed-forward, first layer", f"h = {source} W_1^T + b_1  (C -> {inner})", width, a["fc"][0],
+                 rows, wide, f"{key}.fc"),
+            Step(f"{b}: {act}", act_formula, width, a["act"][0], rows, wide, f"{key}.act"),
+            Step(f"{b}: feed-forward, second layer", f"{act}(h) W_2^T + b_2  ({inner} -> C)", "T x C",
+                 a["mlp_out"][0], rows, chan, f"{key}.mlp_out")]
 
 
 def output_steps(acts, config, vocab_labels, rows, chan, temperature):
@@ -158,8 +200,8 @@ def output_steps(acts, config, vocab_labels, rows, chan, temperature):
     logits, steps = acts["logits"][0], []
     x = "x"
     if config.norm == "pre":
-        steps.append(Step("final LayerNorm", "LN_f(x)", "T x C", acts["ln_f"][0], rows, chan, "ln_f"))
-        x = "LN_f(x)"
+        name, x = ("RMSNorm", "RMSNorm_f(x)") if config.normalization == "rmsnorm" else ("LayerNorm", "LN_f(x)")
+        steps.append(Step(f"final {name}", x, "T x C", acts["ln_f"][0], rows, chan, "ln_f"))
     head = ("W_te^T  (the LM head is the token embedding matrix, shared)" if config.head == "tied" else
             "W_head^T  (the LM head: its own V x C matrix)")
     steps.append(Step("logits", f"{x} {head}", "T x V", logits, rows, vocab_labels, "logits"))
@@ -186,40 +228,56 @@ def torch_values(model, ids, temps):
         [("ln_f", tr.ln_f)] if "ln_f" in tr else [])
     for name, mod in named:
         handles.append(mod.register_forward_hook(out(name)))
-    handles.append(tr.wpe.register_forward_hook(lambda mod, inp, o: found.__setitem__("pos_emb", o)))
+    if "wpe" in tr:
+        handles.append(tr.wpe.register_forward_hook(lambda mod, inp, o: found.__setitem__("pos_emb", o)))
     for i, block in enumerate(tr.h):
         for key, mod in (("ln_1", block.ln_1), ("qkv", block.attn.c_attn), ("attn_out", block.attn.c_proj),
                          ("ln_2", block.ln_2), ("fc", block.mlp.c_fc), ("act", block.mlp.act),
-                         ("mlp_out", block.mlp.c_proj), ("x_out", block)):
+                         ("mlp_out", block.mlp.c_proj), ("x_out", block)) + (
+                            (("gate", block.mlp.c_gate),) if "c_gate" in block.mlp._modules else ()):
             handles.append(mod.register_forward_hook(out(f"layer{i}.{key}")))
-        for key, mod in (("y", block.attn.c_proj), ("ln_1_in", block.ln_1), ("ln_2_in", block.ln_2)):
+        for key, mod in (("y", block.attn.c_proj), ("hidden", block.mlp.c_proj), ("ln_1_in", block.ln_1),
+                         ("ln_2_in", block.ln_2)):
             handles.append(mod.register_forward_pre_hook(into(f"layer{i}.{key}")))
     try:
         model(torch.tensor([ids]))
     finally:
         for handle in handles:
             handle.remove()
-    nh, C = model.config.n_head, model.config.n_embd
-    hs, T = C // nh, len(ids)
-    allowed = causal_mask(T, T)
-    post = model.config.norm == "post"
+    rope = model.rotary(torch.arange(len(ids))) if model.rotary is not None else None
     for i in range(model.config.n_layer):
-        # the residual sums are the inputs of the LayerNorms (post-LN), or of LN 2 and the block's output (pre-LN)
-        found[f"layer{i}.sum_1"] = found.pop(f"layer{i}.ln_1_in") if post else found.pop(f"layer{i}.ln_2_in")
-        found[f"layer{i}.sum_2"] = found.pop(f"layer{i}.ln_2_in") if post else found[f"layer{i}.x_out"]
-        found.pop(f"layer{i}.ln_1_in", None)
-        q, k, v = found.pop(f"layer{i}.qkv").split(C, dim=-1)
-        for h in range(nh):
-            qh, kh, vh = (t[:, h * hs:(h + 1) * hs] for t in (q, k, v))
-            qk = qh @ kh.T
-            masked = (qk / math.sqrt(hs)).masked_fill(~allowed, float("-inf"))
-            att = torch.softmax(masked, dim=-1)
-            found.update({f"layer{i}.head{h}.q": qh, f"layer{i}.head{h}.k": kh, f"layer{i}.head{h}.v": vh,
-                          f"layer{i}.head{h}.qk": qk, f"layer{i}.head{h}.scores": qk / math.sqrt(hs),
-                          f"layer{i}.head{h}.masked": masked, f"layer{i}.head{h}.att": att,
-                          f"layer{i}.head{h}.y": att @ vh})
+        residual_sums(found, i, model.config.norm == "post")
+        head_values(found, i, model.transformer.h[i].attn, model.config, rope)
     found["next_probs"] = torch.stack([torch.softmax(found["logits"][-1] / t, dim=-1) for t in temps])
     return {k: v.numpy() for k, v in found.items()}
+
+
+def residual_sums(found, i, post):
+    """The residual sums are the inputs of the norms (post-norm), or of norm 2 and the block's output (pre-norm)."""
+    found[f"layer{i}.sum_1"] = found.pop(f"layer{i}.ln_1_in") if post else found.pop(f"layer{i}.ln_2_in")
+    found[f"layer{i}.sum_2"] = found.pop(f"layer{i}.ln_2_in") if post else found[f"layer{i}.x_out"]
+    found.pop(f"layer{i}.ln_1_in", None)
+
+
+def head_values(found, i, attn, config, rope):
+    """Each head's Q, K, V, their norms and turns, and the attention internals, recomputed in torch
+    from the model's own Q, K, V projection output (the modules' own norms and rotation applied)."""
+    nh, nkv, hs = config.n_head, config.n_kv_head, config.head_dim
+    q, k, v = found.pop(f"layer{i}.qkv").split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+    q_lin, k_lin, v = (t.view(-1, n, hs).transpose(0, 1) for t, n in ((q, nh), (k, nkv), (v, nkv)))  # (h, T, hs)
+    q_normed, k_normed = attn.q_norm(q_lin), attn.k_norm(k_lin)
+    q_rot, k_rot = (rotate(q_normed, rope), rotate(k_normed, rope)) if rope is not None else (q_normed, k_normed)
+    allowed = causal_mask(q.size(0), q.size(0))
+    for h in range(nh):
+        kv = h // (nh // nkv)
+        qk = q_rot[h] @ k_rot[kv].T
+        masked = (qk / math.sqrt(hs)).masked_fill(~allowed, float("-inf"))
+        att = torch.softmax(masked, dim=-1)
+        key = f"layer{i}.head{h}"
+        found.update({f"{key}.q_lin": q_lin[h], f"{key}.k_lin": k_lin[kv], f"{key}.v": v[kv],
+                      f"{key}.q_normed": q_normed[h], f"{key}.k_normed": k_normed[kv], f"{key}.q": q_rot[h],
+                      f"{key}.k": k_rot[kv], f"{key}.qk": qk, f"{key}.scores": qk / math.sqrt(hs),
+                      f"{key}.masked": masked, f"{key}.att": att, f"{key}.y": att @ v[kv]})
 
 
 def check(steps, values):
@@ -343,10 +401,11 @@ def run(cfg):
         output.write_text(as_html(steps, info, cfg.decimals), encoding="utf-8")
         return str(output)
     c = info["model"]
+    shared = f" sharing n_kv_head={c['n_kv_head']} key/value heads" if c["n_kv_head"] < c["n_head"] else ""
     intro = [f"checkpoint: {path}",
              f"input: {cfg.start!r} -> tokens {' '.join(token_labels(info['tokens']))} -> ids {info['ids']}",
-             f"model: n_layer={c['n_layer']}, n_head={c['n_head']}, n_embd={c['n_embd']} (C), head size "
-             f"hs={c['n_embd'] // c['n_head']}, vocab V={c['vocab_size']}, T={len(info['ids'])} tokens",
+             f"model: n_layer={c['n_layer']}, n_head={c['n_head']}{shared}, n_embd={c['n_embd']} (C), head size "
+             f"hs={c['head_dim']}, vocab V={c['vocab_size']}, T={len(info['ids'])} tokens",
              f"checked: {info['checked']}", *info.get("template", [])]
     render = as_markdown if cfg.format == "md" else as_text
     return render(steps, intro, cfg.decimals, cfg.max_cols)
@@ -378,8 +437,8 @@ def compute(cfg):
     check(steps, torch_values(model, ids, temperatures(cfg.temperature)))
     c = model.config
     info = {"checkpoint": str(path), "input": cfg.start, "tokens": tokens, "ids": ids,
-            "model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
-                      "block_size": c.block_size},
+            "model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_kv_head": c.n_kv_head, "head_dim": c.head_dim,
+                      "n_embd": c.n_embd, "vocab_size": c.vocab_size, "block_size": c.block_size},
             "checked": f"every matrix equals the torch model's (float64) within {TOLERANCE:g}"}
     if answer is not None:
         info["template"] = template_notes(opened.task.template, tokens, answer)

@@ -153,3 +153,21 @@ def test_the_explainer_walk_follows_the_explainers_order(explainer, capsys):
     pe = printed_matrix(text, "positional encoding")
     assert pe[1][:2] == [round(np.sin(1.0), 3), round(np.cos(1.0), 3)], "PE(1, 0) = sin 1, PE(1, 1) = cos 1"
     assert "add & norm: LayerNorm 2: the block's output" in text and "final LayerNorm" not in text
+
+
+def test_the_modern_config_learns_and_its_walk_shows_rope_and_shared_heads(tmp_path, capsys):
+    """configs/modern.py (RoPE, RMSNorm, SwiGLU, grouped-query attention, Q/K norms) learns the three
+    lines, and its walkthrough names each new step with numbers checked against the model."""
+    from conftest import assert_writes_each_line, run_training, working_dir
+    with working_dir(tmp_path):
+        run_training("modern.py", tmp_path / "modern")
+    assert_writes_each_line(tmp_path / "modern")
+    assert main([f"--out_dir={tmp_path / 'modern'}", "--start=天行健", "--layers=1"]) == 0
+    text = capsys.readouterr().out
+    titles = re.findall(r"^\[\d+\] (.+?)   \(", text, flags=re.M)
+    assert titles[0] == "token embedding: the input to block 0", "RoPE adds nothing to the embeddings"
+    for title in ("block 1: RMSNorm 1", "block 1, head 3: keys (key/value head 1, shared by query heads 2..3)",
+                  "block 1, head 0: queries normed", "block 1, head 2: queries turned by position (RoPE)",
+                  "block 1: SiLU of the gate", "block 1: gated", "final RMSNorm"):
+        assert title in titles, title
+    assert "x cos + rotate_half(x) sin" in text and "within 1e-09" in text
