@@ -11,7 +11,7 @@ from pathlib import Path
 from model.checkpoint import open_model
 from model.config import SampleConfig, load_config, run_command
 from model.errors import UserError
-from model.tasks import ChatTask
+from model.tasks import chat_task
 
 
 def read_prompt(start):
@@ -26,9 +26,13 @@ def read_prompt(start):
 def sample(argv):
     cfg = load_config(SampleConfig, argv)
     opened = open_model(cfg.out_dir, cfg.ckpt, cfg.device, cfg.meta)
-    if (cfg.chat or cfg.system) and not isinstance(opened.task, ChatTask):
-        raise UserError(f"{opened.path} was not trained to answer (it is a {opened.task.state()['type']} model); "
-                        f"--chat and --system need one trained on .jsonl pairs or conversations")
+    task = opened.task
+    if cfg.chat or cfg.system:
+        task = chat_task(opened.ckpt, opened.task)
+        if task is None:
+            raise UserError(f"{opened.path} was not trained to answer (it is a {opened.task.state()['type']} model) and "
+                            f"has no chat template; --chat and --system need one trained on .jsonl pairs or "
+                            f"conversations, or a folder with a chat template")
     vocab, ids = opened.tokenizer, opened.model.config.vocab_size
     if vocab is None:
         print("notice: this checkpoint has no vocabulary (a nanoGPT checkpoint keeps it in meta.pkl); "
@@ -36,7 +40,7 @@ def sample(argv):
     elif vocab.vocab_size < ids:
         print(f"notice: the vocabulary has {vocab.vocab_size} tokens, the model {ids} ids; ids past the "
               f"vocabulary are never sampled", file=sys.stderr)
-    return opened.task.sample(cfg, read_prompt(cfg.start), opened.model, opened.device) or 0  # --chat: 130 after Ctrl-C
+    return task.sample(cfg, read_prompt(cfg.start), opened.model, opened.device) or 0  # --chat: 130 after Ctrl-C
 
 
 def main(argv):

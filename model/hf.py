@@ -142,9 +142,32 @@ def read_folder(folder):
     state = load_state(folder)
     weights = llama_weights(state, args["n_layer"]) if args.get("positions") == "rope" else gpt2_weights(state)
     extra = {k: args.pop(k) for k in list(args) if k not in NANOGPT_FIELDS}
-    return {"model": weights, "model_args": args, "model_extra": extra,
-            "tokenizer": load_tokenizer_files(folder).to_dict(), "task": {"type": "text"},
-            "iter_num": 0, "best_val_loss": float("inf"), "config": {"source": str(Path(folder).resolve())}}
+    tokenizer = load_tokenizer_files(folder)
+    ckpt = {"model": weights, "model_args": args, "model_extra": extra, "tokenizer": tokenizer.to_dict(),
+            "task": {"type": "text"}, "iter_num": 0, "best_val_loss": float("inf"),
+            "config": {"source": str(Path(folder).resolve())}}
+    chat = folder_chat_template(folder, tokenizer)
+    return {**ckpt, "chat": chat} if chat else ckpt
+
+
+def folder_chat_template(folder, tokenizer):
+    """The folder's chat template (chat_template.jinja, or tokenizer_config.json's chat_template) as
+    the plain data of a ChatTemplate, or None. Its end of turn is <|im_end|> for ChatML templates
+    (Qwen's), else the tokenizer's eos_token."""
+    folder = Path(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")) if (
+        folder / "tokenizer_config.json").is_file() else {}
+    source = ((folder / "chat_template.jinja").read_text(encoding="utf-8") if (folder / "chat_template.jinja").is_file()
+              else config.get("chat_template"))
+    if isinstance(source, list):  # several named templates: the default one
+        source = next((t["template"] for t in source if t.get("name") == "default"), None)
+    token = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731  (an AddedToken's fields, or a string)
+    eos = token(config.get("eos_token"))
+    end = "<|im_end|>" if source and "<|im_end|>" in source else eos
+    if not source or not end or getattr(tokenizer, "tok", None) is None or tokenizer.tok.token_to_id(end) is None:
+        return None
+    return {"end_of_turn": end, "markers": {}, "source": source,
+            "variables": {"bos_token": token(config.get("bos_token")) or "", "eos_token": eos or ""}}
 
 
 # ---- writing a folder ---------------------------------------------------------------------

@@ -207,6 +207,15 @@ class HFTokenizer:
                 vocab[c], next_id = next_id, next_id + 1
         return HFTokenizer(hf().Tokenizer.from_str(json.dumps(spec)), self.kind)
 
+    def encode_template(self, text):
+        """A chat template's rendered text -> ids, its special tokens' spellings read as those tokens
+        (as transformers' apply_chat_template reads them; user text goes through encode())."""
+        self.tok.encode_special_tokens = False
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tok.encode_special_tokens = True
+
     def with_specials(self, names):
         """This tokenizer with the special tokens `names` it lacks added after its ids."""
         missing = [n for n in names if self.special_id(n) is None]

@@ -185,7 +185,7 @@ def test_ctrl_c_ends_a_chat_cleanly(trained_chat):
 def test_chat_on_a_text_model_is_one_clear_line(trained_chinese, capsys):
     base, _ = trained_chinese
     assert sample_cli.main([f"--out_dir={base / 'out' / 'chinese'}", "--chat"]) == 2
-    assert "was not trained to answer (it is a text model)" in capsys.readouterr().err
+    assert "was not trained to answer (it is a text model) and has no chat template" in capsys.readouterr().err
 
 
 def test_finetune_a_text_model_on_pairs(trained_chinese, tmp_path):

@@ -173,3 +173,83 @@ def test_finetune_a_qwen2_folder_and_its_loss_falls(folders, tmp_path):
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), f"the loss did not fall: {losses[:3]} -> {losses[-5:]}"
     opened = open_model(out_dir=tmp_path / "ft", quiet=True)
     assert opened.model.config.qkv_bias and opened.model.config.n_kv_head == 1
+
+
+# ---- a folder's own chat template (Qwen's ChatML) -----------------------------------------
+
+CHATML = ("{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+          "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+          "{%- endif %}\n{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+          "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}"
+          "{%- endfor %}\n{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}\n")
+TALK = [{"role": "user", "content": "The quick fox?"}, {"role": "assistant", "content": "It jumps."},
+        {"role": "user", "content": "天行健"}]
+
+
+@pytest.fixture(scope="module")
+def chatml(tmp_path_factory):
+    """A Qwen2 folder as Qwen's instruct models ship: ChatML special tokens and template, eos <|im_end|>."""
+    folder = tiny(tmp_path_factory.mktemp("chatml") / "qwen", "qwen2", seed=5)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": tok.get_vocab_size()}))
+    from safetensors.torch import load_file, save_file
+    state = load_file(folder / "model.safetensors")  # room for the two new tokens
+    state["model.embed_tokens.weight"] = torch.cat([state["model.embed_tokens.weight"],
+                                                    torch.randn(2, 32, generator=torch.Generator().manual_seed(0))])
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    return folder
+
+
+def test_a_folders_chat_template_gives_transformers_prompt_ids(chatml):
+    from model.tasks import chat_task
+    opened = open_model(ckpt=chatml, quiet=True)
+    task = chat_task(opened.ckpt, opened.task)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(chatml)
+    for messages in (TALK, TALK[:1], [{"role": "system", "content": "Be brief."}] + TALK):
+        ours, _ = task.template.encode(opened.tokenizer, messages, generation_prompt=True)
+        theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=True)
+        assert list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs) == ours
+    ids, in_loss = task.template.encode(opened.tokenizer, TALK[:2])
+    answer = opened.tokenizer.decode([i for i, keep in zip(ids, in_loss) if keep])
+    assert answer == "It jumps.<|im_end|>\n", "the loss counts the reply and its end of turn"
+
+
+def test_chat_with_a_folder_stops_where_transformers_does(chatml):
+    from model.tasks import chat_task
+    opened = open_model(ckpt=chatml, quiet=True)
+    task = chat_task(opened.ckpt, opened.task)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(chatml).eval()
+    end = opened.tokenizer.tok.token_to_id("<|im_end|>")
+    assert task.end == end
+    ids, room, _ = task.fit(TALK, 40)
+    ours = task.generate(opened.model, torch.tensor([ids]), room)[0, len(ids):].tolist()
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=room, do_sample=False, eos_token_id=end,
+                         pad_token_id=end)[0, len(ids):].tolist()
+    assert theirs == (ours[:ours.index(end) + 1] if end in ours else ours)
+
+
+def test_chat_and_fine_tune_a_folder_with_its_own_template(chatml, tmp_path, capsys, monkeypatch):
+    import io
+    import sys
+
+    import sample as sample_cli
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The quick fox?\n天行健\n"))
+    assert sample_cli.main([f"--ckpt={chatml}", "--chat", "--temperature=0", "--max_new_tokens=8"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2, "one reply a line"
+    data = tmp_path / "chat.jsonl"
+    data.write_text((json.dumps({"messages": TALK[:2]}) + "\n") * 8, encoding="utf-8")
+    args = [str(ROOT / "configs" / "finetune.py"), f"--init_from={chatml}", f"--data={data}", "--max_iters=40",
+            "--eval_interval=40", "--lr_decay_iters=40", "--warmup_iters=5", "--log_interval=1", "--learning_rate=3e-3",
+            "--block_size=64", "--val_fraction=0", f"--out_dir={tmp_path / 'ft'}"]
+    with working_dir(tmp_path):
+        assert train_cli.main(args) == 0
+    opened = open_model(out_dir=tmp_path / "ft", quiet=True)
+    assert opened.task.template.source == CHATML and opened.task.template.end_of_turn == "<|im_end|>"
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), f"the loss did not fall: {losses[:3]} -> {losses[-5:]}"

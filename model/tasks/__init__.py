@@ -31,3 +31,13 @@ def task_from_checkpoint(ckpt, tokenizer, block_size):
     if state["type"] == "chat":
         return ChatTask.from_state(state, tokenizer, block_size, ckpt["model_args"]["vocab_size"])
     return TextTask(tokenizer, block_size, model_vocab_size=ckpt["model_args"]["vocab_size"])
+
+
+def chat_task(ckpt, task):
+    """The model's chat task: its own (trained on .jsonl), or one made from a Hugging Face folder's
+    chat template (kept in the checkpoint as 'chat'); None when it has neither."""
+    if isinstance(task, ChatTask):
+        return task
+    if "chat" in ckpt and getattr(task, "tokenizer", None) is not None:
+        return ChatTask.from_state({"template": ckpt["chat"]}, task.tokenizer, task.block_size, task.model_vocab_size)
+    return None

@@ -35,10 +35,14 @@ SPLIT_FILES = ("ids.bin", "loss.bin", "offsets.npy")  # per split: token ids, 1 
 
 @dataclass
 class ChatTemplate:
-    """How messages become tokens (plain data, kept in the checkpoint). end_of_turn is GPT-2's
-    <|endoftext|> or BERT's [SEP] where the vocabulary has one, else <|end|>."""
+    """How messages become tokens (plain data, kept in the checkpoint). Ours: end_of_turn is GPT-2's
+    <|endoftext|> or BERT's [SEP] where the vocabulary has one, else <|end|>. A Hugging Face
+    folder's own template (Qwen's ChatML, ...) is kept as its Jinja `source` with the strings it
+    reads (`variables`: bos_token, eos_token) and rendered as transformers renders it."""
     end_of_turn: str
     markers: dict = field(default_factory=lambda: {role: f"<|{role}|>" for role in ROLES})
+    source: str = ""
+    variables: dict = field(default_factory=dict)
 
     @classmethod
     def for_tokenizer(cls, tokenizer):
@@ -54,6 +58,8 @@ class ChatTemplate:
     def encode(self, tokenizer, messages, generation_prompt=False, drop_unknown=False):
         """messages -> (ids, in_loss): in_loss[t] says whether token t is one the assistant writes.
         With generation_prompt, the assistant's marker ends the ids: the model answers next."""
+        if self.source:
+            return self.encode_rendered(tokenizer, messages, generation_prompt)
         ids, in_loss = [], []
         end = tokenizer.special_id(self.end_of_turn)
         for m in messages:
@@ -66,8 +72,31 @@ class ChatTemplate:
             in_loss.append(False)
         return ids, in_loss
 
+    def render(self, messages, generation_prompt):
+        """A folder's template as text, rendered as transformers renders it (sandboxed Jinja)."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment  # jinja2 comes with torch
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = lambda message: (_ for _ in ()).throw(UserError(f"chat template: {message}"))
+        return env.from_string(self.source).render(messages=messages, add_generation_prompt=generation_prompt,
+                                                   **self.variables)
+
+    def encode_rendered(self, tokenizer, messages, generation_prompt):
+        """A folder's template: the rendered text's ids (its special tokens recognised). The loss
+        counts each assistant turn: the tokens between the conversation rendered up to its
+        question (with the answer's prompt) and rendered up to its answer."""
+        ids = tokenizer.encode_template(self.render(messages, generation_prompt))
+        in_loss = [False] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                start = len(tokenizer.encode_template(self.render(messages[:i], True)))
+                end = len(tokenizer.encode_template(self.render(messages[:i + 1], False)))
+                in_loss[start:end] = [True] * (end - start)
+        return ids, in_loss
+
     def jinja(self):
-        """The same template in transformers' form (Jinja), for apply_chat_template."""
+        """The template in transformers' form (Jinja), for apply_chat_template."""
+        if self.source:
+            return self.source
         markers = json.dumps(self.markers, ensure_ascii=False)
         return ("{%- set markers = " + markers + " -%}"
                 "{%- for message in messages -%}"
@@ -76,11 +105,12 @@ class ChatTemplate:
                 "{%- if add_generation_prompt -%}{{ markers['assistant'] }}{%- endif -%}")
 
     def to_dict(self):
-        return {"end_of_turn": self.end_of_turn, "markers": dict(self.markers)}
+        return {"end_of_turn": self.end_of_turn, "markers": dict(self.markers), "source": self.source,
+                "variables": dict(self.variables)}
 
     @classmethod
     def from_dict(cls, d):
-        return cls(d["end_of_turn"], dict(d["markers"]))
+        return cls(d["end_of_turn"], dict(d["markers"]), d.get("source", ""), dict(d.get("variables", {})))
 
 
 # ---- reading .jsonl files ------------------------------------------------------------------
@@ -127,6 +157,17 @@ def checked_messages(messages, where):
         raise UserError(f"{where}: the conversation has no assistant message with content; there is nothing to "
                         f"learn to answer")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def start_template(start, tokenizer):
+    """(template, tokenizer) for training: a resumed run's; a base model's own (trained on .jsonl, or a
+    folder's chat template, which fine-tuning then teaches); else ours, its special tokens added."""
+    state = (start.ckpt or {}).get("task") or {}
+    if "template" in state:
+        return ChatTemplate.from_dict(state["template"]), tokenizer
+    if start.ckpt and "chat" in start.ckpt:
+        return ChatTemplate.from_dict(start.ckpt["chat"]), tokenizer
+    return ChatTemplate.for_tokenizer(tokenizer)
 
 
 def contents(source):
@@ -243,8 +284,7 @@ class ChatTask:
             if n == 0:
                 raise UserError(f"{cfg.data} holds no examples: one JSON object a line")
             base = text_tokenizer(cfg, start, lambda: contents(source))
-            template, tokenizer = (ChatTemplate.for_tokenizer(base) if start.mode != "resume" else
-                                   (ChatTemplate.from_dict(start.ckpt["task"]["template"]), base))
+            template, tokenizer = start_template(start, base)
             prepare_examples(source, tokenizer, template, prepared, held_out(n, cfg.val_fraction, cfg.seed), settings)
             meta = json.loads((prepared / "meta.json").read_text(encoding="utf-8"))
         block_size, vocab = text_model_shape(cfg, start, tokenizer)
