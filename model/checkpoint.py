@@ -17,6 +17,7 @@ import torch
 from model.errors import UserError
 from model.gpt import GPT, NANOGPT_FIELDS, RUN_FIELDS, GPTConfig
 from model.hf import is_hf_folder, read_folder
+from model.lora import LoRAConfig, add_adapters, merge_adapters
 from model.runtime import decode_layout, resolve_device
 from model.tasks import task_from_checkpoint
 from model.tokenizer import CharTokenizer, tokenizer_from_dict
@@ -139,11 +140,17 @@ def config_of(ckpt, **overrides):
 
 
 def model_from_checkpoint(ckpt, device="cpu", **overrides):
-    """The GPT a checkpoint describes, with its weights. model_args that do not fit the weights
-    raise UserError naming the mismatch. `overrides` are GPTConfig fields that do not change the
-    weights (dropout, attention)."""
+    """The GPT a checkpoint describes, with its weights; an adapter checkpoint's (LoRA) with its
+    base's weights and its adapters, the adapters (and what else it trained) left trainable.
+    model_args that do not fit the weights raise UserError naming the mismatch. `overrides` are
+    GPTConfig fields that do not change the weights (dropout, attention)."""
     model = GPT(config_of(ckpt, **overrides))
     state = clean_state_dict(ckpt["model"])
+    if "lora" in ckpt:
+        add_adapters(model, LoRAConfig(**ckpt["lora"]))
+        state = {**base_weights(ckpt["base"], model), **state}
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in ckpt["model"])
     if "lm_head.weight" not in state and "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]  # tied; some tools save it once
     try:
@@ -153,6 +160,20 @@ def model_from_checkpoint(ckpt, device="cpu", **overrides):
         raise UserError(f"the checkpoint's model_args {dict(ckpt['model_args'])} do not match its "
                         f"weights: {' '.join(lines)[:400]}") from None
     return model.to(device)
+
+
+def base_weights(path, model):
+    """An adapter checkpoint's base weights, fitted to the fine-tuned model: learned positions cropped
+    to its block_size; tensors of another shape (embeddings grown for new tokens) are the adapter
+    checkpoint's own and left out here."""
+    if not Path(path).exists():
+        raise UserError(f"the adapters' base model {path} is not there; put it back, or train the adapters again "
+                        f"from a base with --init_from")
+    state = clean_state_dict(load_checkpoint(path)["model"])
+    if "transformer.wpe.weight" in state:
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:model.config.block_size]
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    return {k: v for k, v in state.items() if shapes.get(k) == v.shape}
 
 
 def tokenizer_from_checkpoint(ckpt, meta=""):
@@ -218,7 +239,7 @@ def open_model(out_dir="", ckpt="", device="cpu", meta="", quiet=False):
     if not quiet:
         print(f"checkpoint: {path}", file=sys.stderr)
     checkpoint = load_checkpoint(path)
-    model = model_from_checkpoint(checkpoint, device).eval()
+    model = merge_adapters(model_from_checkpoint(checkpoint, device)).eval()  # adapters folded in: as fast as any
     if device == "cpu":
         decode_layout(model)
     tokenizer = tokenizer_from_checkpoint(checkpoint, meta)

@@ -62,6 +62,11 @@ class TrainConfig(ModelOptions):
     vocab_size: int = 0  # bpe: how many tokens to learn; char or a path: 0 is the tokenizer's size
     drop_unknown: bool = False  # a vocabulary from files: leave out characters it lacks instead of adding them
     gradient_accumulation_steps: int = 1
+    # LoRA (fine-tuning only): the base frozen, low-rank adapters on the target layers learn
+    lora_rank: int = 0  # r; 0: off (every weight trains)
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "attention"  # 'attention', 'mlp', 'all', or layer names like 'c_attn,c_fc'
     # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
     learning_rate: float = 1e-3
     max_iters: int = 5000
@@ -92,6 +97,12 @@ class TrainConfig(ModelOptions):
         for name in ("max_iters", "warmup_iters", "min_lr", "weight_decay", "grad_clip", "vocab_size"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.lora_rank < 0 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"LoRA needs lora_rank >= 0, lora_alpha > 0 and lora_dropout in [0, 1); got "
+                            f"{self.lora_rank}, {self.lora_alpha}, {self.lora_dropout}")
+        if self.lora_rank and self.init_from == "scratch":
+            raise UserError("LoRA adapts a trained model: give the base with --init_from=out_dir, ckpt.pt or a "
+                            "Hugging Face folder (or leave --lora_rank=0 to train from scratch)")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name, allowed in {"task": tuple(TASKS), "dtype": ("auto", *DTYPES)}.items():

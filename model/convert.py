@@ -1,6 +1,6 @@
 """Convert a model between formats:
 
-    python -m model.convert SOURCE DEST [--to=ours|hf|llmviz] [--meta=meta.pkl] [--n_head=N] [--start=CBABBC,...]
+    python -m model.convert SOURCE DEST [--to=ours|hf|llmviz|peft] [--meta=meta.pkl] [--n_head=N] [--start=CBABBC,...]
 
 SOURCE: a checkpoint or out_dir of ours, a Hugging Face GPT-2 folder, a nanoGPT ckpt.pt (its
 vocabulary from the meta.pkl beside it, or --meta), the 3D visualisation's model JSON, or a
@@ -18,22 +18,24 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import (find_checkpoint, load_checkpoint, model_args_of, model_from_checkpoint,
+from model.checkpoint import (clean_state_dict, find_checkpoint, load_checkpoint, model_args_of, model_from_checkpoint,
                               save_checkpoint, tokenizer_from_checkpoint)
 from model.config import load_config, run_command
 from model.errors import UserError
-from model.hf import write_folder
+from model.hf import write_folder, write_peft
+from model.lora import merge_adapters
 from model.llmviz import MODEL_FILE, PARTIALS_FILE, read_model_json, read_state_dict, write_llmviz
 from model.tasks import SortTask, task_from_checkpoint
 
-USAGE = ("usage: python -m model.convert SOURCE DEST [--to=ours|hf|llmviz] [--meta=path/to/meta.pkl] [--n_head=N] "
+USAGE = ("usage: python -m model.convert SOURCE DEST [--to=ours|hf|llmviz|peft] [--meta=path/to/meta.pkl] [--n_head=N] "
          "[--start=CBABBC,...]")
-FORMATS = ("ours", "hf", "llmviz")
+FORMATS = ("ours", "hf", "llmviz", "peft")
 
 
 @dataclass
 class ConvertConfig:
-    to: str = "ours"  # 'ours' (DEST/ckpt.pt), 'hf' (a GPT-2 folder) or 'llmviz' (the visualisation's files)
+    to: str = "ours"  # 'ours' (DEST/ckpt.pt), 'hf' (a Hugging Face folder), 'llmviz' (the visualisation's files)
+    # or 'peft' (a LoRA checkpoint's adapters as peft's folder)
     meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
     n_head: int = 0  # minGPT state_dicts: the number of heads (a state_dict does not record it)
     start: str = ""  # --to=llmviz: the sort inputs whose activations are written, e.g. CBABBC,ABCABC
@@ -95,7 +97,14 @@ def convert(source, dest, cfg):
     """SOURCE -> DEST as cfg.to says; returns what was written."""
     path, ckpt = read_source(source, cfg)
     tokenizer = source_tokenizer(path, ckpt, cfg.meta)
-    model = model_from_checkpoint(ckpt).eval()
+    adapted = model_from_checkpoint(ckpt).eval()
+    if cfg.to == "peft":
+        if "lora" not in ckpt:
+            raise UserError(f"{path} has no LoRA adapters (train with --lora_rank to make some); --to=hf writes a whole model")
+        if (Path(dest) / "adapter_model.safetensors").exists():
+            raise UserError(f"{dest} already holds adapters; choose another DEST (nothing is overwritten)")
+        return write_peft(adapted, clean_state_dict(ckpt["model"]), ckpt["lora"], ckpt["base"], dest)
+    model = merge_adapters(adapted)  # LoRA adapters folded into the weights: a whole model
     if cfg.to == "ours":
         return to_ours(path, ckpt, model, tokenizer, dest)
     if cfg.to == "llmviz":

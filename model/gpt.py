@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from model.errors import UserError
@@ -57,6 +58,7 @@ class GPTConfig:
     intermediate_size: int = 0  # the feed-forward's width I (0: 4 * n_embd)
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (Qwen3)
     qkv_bias: bool = False  # biases on the Q, K, V projections even when bias=False (Qwen2)
+    gradient_checkpointing: bool = False  # training: keep only each block's input, recompute the rest backwards
 
     def __post_init__(self):
         """The one place model fields are checked: a value no model can have is a UserError."""
@@ -98,7 +100,7 @@ class GPTConfig:
 
 
 NANOGPT_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size", "dropout")  # nanoGPT's GPTConfig
-RUN_FIELDS = ("dropout", "attention")  # how a run computes, not what the weights are: each run sets its own
+RUN_FIELDS = ("dropout", "attention", "gradient_checkpointing")  # how a run computes, not what the weights are
 
 
 def causal_mask(T, S, device=None):
@@ -345,7 +347,11 @@ class GPT(nn.Module):
         rope = self.rotary(pos) if self.rotary is not None else None  # computed once, used by every layer
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer, rope)
+            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # the same gradients for less memory: this block's activations are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, kv_cache, layer, rope, use_reentrant=False)
+            else:
+                x = block(x, kv_cache, layer, rope)
         if kv_cache is not None:
             kv_cache.length += T
         if self.config.norm == "pre":

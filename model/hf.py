@@ -285,3 +285,49 @@ def write_chat_files(dest, chat, end_id, tokenizer_config):
     config = json.loads((dest / "config.json").read_text())
     (dest / "config.json").write_text(json.dumps({**config, "eos_token_id": end_id}, indent=2) + "\n")
     (dest / "generation_config.json").write_text(json.dumps({"eos_token_id": end_id, "pad_token_id": end_id}) + "\n")
+
+
+# ---- LoRA adapters as peft writes them ----------------------------------------------------
+
+# our adapted layer -> peft's target module names (the Llama family's, by layer; GPT-2 keeps ours)
+LLAMA_LORA = {"attn.c_attn": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "attn.c_proj": ("self_attn.o_proj",), "mlp.c_gate": ("mlp.gate_proj",), "mlp.c_fc": ("mlp.up_proj",),
+              "mlp.c_proj": ("mlp.down_proj",)}
+
+
+def peft_tensors(adapters, config, kind):
+    """Our adapters ({layer}.lora_A.weight, {layer}.lora_B.weight) under peft's names for the folder
+    of `kind`. The Llama family's Q, K and V are three layers where ours is one: each gets our A and
+    its rows of our B (B_q A, B_k A, B_v A are exactly the rows of B A)."""
+    prefix = "base_model.model."
+    if kind == "gpt2":
+        return {prefix + k: v for k, v in adapters.items()}
+    sizes = [config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.n_kv_head * config.head_dim]
+    out = {}
+    for key, value in adapters.items():
+        layer, part = key.rsplit(".lora_", 1)  # transformer.h.{i}.attn.c_attn, A.weight
+        i, ours = layer.split(".")[2], layer.split(".", 3)[3]
+        targets = LLAMA_LORA[ours]
+        pieces = value.split(sizes) if part.startswith("B") and len(targets) == 3 else [value] * len(targets)
+        out.update({f"{prefix}model.layers.{i}.{t}.lora_{part}": piece.clone() for t, piece in zip(targets, pieces)})
+    return out
+
+
+def write_peft(model, adapters, lora, base, dest):
+    """DEST as a peft LoRA folder (adapter_model.safetensors, adapter_config.json) for the
+    Hugging Face export of the adapters' base (python -m model.convert BASE FOLDER --to=hf)."""
+    kind = folder_format(model.config)
+    extra = [k for k in adapters if ".lora_" not in k]
+    if extra:
+        raise UserError(f"these adapters also trained {', '.join(extra)} (the vocabulary grew), which a peft adapter "
+                        f"cannot hold; export the merged model with --to=hf instead")
+    tensors = peft_tensors(adapters, model.config, kind)
+    modules = sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in tensors})
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    safetensors_torch().save_file(tensors, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
+              "lora_dropout": lora["dropout"], "target_modules": modules, "bias": "none",
+              "fan_in_fan_out": kind == "gpt2", "base_model_name_or_path": str(base), "inference_mode": True}
+    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dest

@@ -13,6 +13,7 @@ from model.checkpoint import config_of, find_checkpoint, load_checkpoint, model_
 from model.config import MODEL_FIELDS, format_config
 from model.errors import UserError
 from model.gpt import GPT, RUN_FIELDS, GPTConfig
+from model.lora import LoRAConfig, add_adapters, merge_adapters
 from model.runtime import Runtime, setup_runtime
 from model.tasks import task_for_training
 
@@ -38,6 +39,16 @@ class Run:
     iter_num: int = 0
     best_val_loss: float = float("inf")
     saved_iter: Optional[int] = None  # the iteration of the state on disk (None: nothing saved yet)
+    lora_base: Optional[str] = None  # LoRA: the base model the adapters are saved apart from
+
+
+def lora_base(cfg, start):
+    """Where a LoRA run's base lives (its checkpoint names it), or None without LoRA."""
+    if not cfg.lora_rank:
+        return None
+    if start.mode == "resume":
+        return start.ckpt["base"]
+    return str(Path(find_checkpoint(out_dir=cfg.init_from)).resolve())
 
 
 def read_start(cfg):
@@ -113,20 +124,33 @@ def grow_vocabulary(state, vocab_size, generator):
 
 
 def build_model(cfg, start, task):
-    """The GPT for the task: new (seeded), or the checkpoint's weights; a fine-tune crops the
-    position embeddings to the task's block size and grows the vocabulary."""
-    args = {k: getattr(cfg, k) for k in MODEL_FIELDS} if start.mode == "scratch" else dict(start.model_args)
-    args.update({k: getattr(cfg, k) for k in RUN_FIELDS}, block_size=task.block_size, vocab_size=task.model_vocab_size)
+    """The GPT for the task: new (seeded), the checkpoint's (resume: adapters and all), or another
+    model's weights (fine-tune: the position embeddings cropped to the task's block size, the
+    vocabulary grown; with --lora_rank, the base frozen and adapters added)."""
+    run_fields = {k: getattr(cfg, k) for k in RUN_FIELDS}
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**args))
-    if start.ckpt is not None:
-        state = model_from_checkpoint(start.ckpt).state_dict()
-        if start.mode == "finetune":
-            if "transformer.wpe.weight" in state:  # learned positions; sinusoidal ones have no weights
-                state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:task.block_size]
-            grow_vocabulary(state, task.model_vocab_size, torch.Generator().manual_seed(cfg.seed))
+    if start.mode == "resume":
+        return model_from_checkpoint(start.ckpt, **run_fields)
+    args = {k: getattr(cfg, k) for k in MODEL_FIELDS} if start.mode == "scratch" else dict(start.model_args)
+    model = GPT(GPTConfig(**{**args, **run_fields, "block_size": task.block_size, "vocab_size": task.model_vocab_size}))
+    if start.mode == "finetune":
+        state = merge_adapters(model_from_checkpoint(start.ckpt)).state_dict()
+        if "transformer.wpe.weight" in state:  # learned positions; sinusoidal ones have no weights
+            state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:task.block_size]
+        grow_vocabulary(state, task.model_vocab_size, torch.Generator().manual_seed(cfg.seed))
         model.load_state_dict(state)
+        if cfg.lora_rank:
+            add_lora(model, cfg, grown=task.model_vocab_size > start.model_args["vocab_size"])
     return model
+
+
+def add_lora(model, cfg, grown):
+    """Freeze the model and add adapters; embeddings grown for new tokens train too (new rows need
+    learning), and the adapter checkpoint keeps them."""
+    add_adapters(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
+    if grown:
+        model.transformer.wte.weight.requires_grad_(True)
+        model.lm_head.weight.requires_grad_(True)
 
 
 def prepare_run(cfg):
@@ -138,14 +162,15 @@ def prepare_run(cfg):
         check_writable(cfg.out_dir)
     start = read_start(cfg)
     if start.mode == "resume":
-        cfg = replace(cfg, task=start.ckpt["task"]["type"])
+        lora = start.ckpt.get("lora") or {"rank": 0}
+        cfg = replace(cfg, task=start.ckpt["task"]["type"], **{f"lora_{k}": v for k, v in lora.items()})
     with rank0_first(rt):
         task = task_for_training(cfg, start)
     model = build_model(cfg, start, task)
     model.to(rt.device, dtype=torch.float64 if rt.dtype == torch.float64 else torch.float32)
     cfg = replace(cfg, block_size=task.block_size, **{k: getattr(model.config, k) for k in MODEL_FIELDS})
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
-    run = Run(cfg, rt, model, optimizer, task)
+    run = Run(cfg, rt, model, optimizer, task, lora_base=lora_base(cfg, start))
     if start.mode == "resume":
         optimizer.load_state_dict(start.ckpt["optimizer"])
         run.iter_num, run.best_val_loss = start.ckpt["iter_num"], start.ckpt["best_val_loss"]
@@ -156,5 +181,7 @@ def prepare_run(cfg):
         print(f"config:\n{format_config(cfg)}")
         print(f"device: {rt.device}{' (auto)' if cfg.device == 'auto' else ''}, dtype: "
               f"{str(rt.dtype).replace('torch.', '')}, processes: {rt.world_size}")
-        print(f"model: {model.num_params():,} parameters, {how}")
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        lora = f" (LoRA: {trained:,} of them train)" if cfg.lora_rank else ""
+        print(f"model: {model.num_params():,} parameters{lora}, {how}")
     return run

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from model.checkpoint import model_args_of, record_latest, save_checkpoint, write_meta
 from model.errors import UserError
+from model.lora import LoRAConfig, adapter_state
 from model.report import write_report, write_run_summary
 from model.runtime import autocast_context, end_processes, peak_memory_mb, reduce_across_ranks
 from model.schedule import get_lr
@@ -116,8 +117,11 @@ def run_config(run):
 
 def checkpoint_dict(run):
     model_args, model_extra = model_args_of(run.model.config)
+    lora = {"lora": LoRAConfig(run.cfg.lora_rank, run.cfg.lora_alpha, run.cfg.lora_dropout, run.cfg.lora_targets
+                               ).to_dict(), "base": run.lora_base} if run.lora_base else {}
     return {
-        "model": run.model.state_dict(),
+        **lora,  # an adapter checkpoint: its base's path, and (as "model") only what trained
+        "model": adapter_state(run.model) if lora else run.model.state_dict(),
         "model_args": model_args,  # exactly nanoGPT's GPTConfig fields
         "model_extra": model_extra,  # the rest of ours (nanoGPT ignores it)
         "optimizer": run.optimizer.state_dict(),

@@ -253,3 +253,27 @@ def test_chat_and_fine_tune_a_folder_with_its_own_template(chatml, tmp_path, cap
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]), f"the loss did not fall: {losses[:3]} -> {losses[-5:]}"
+
+
+# peft itself still calls a transformers API that transformers 5 deprecates; our code does not
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_lora_on_a_qwen2_folder_loads_in_peft_with_equal_logits(folders, tmp_path):
+    """Our one c_attn adapter becomes peft's q/k/v adapters (A shared, B split by rows) exactly."""
+    peft = pytest.importorskip("peft")
+    (tmp_path / "my.txt").write_text(TEXT, encoding="utf-8")
+    args = [str(ROOT / "configs" / "finetune.py"), f"--init_from={folders['qwen2']}", f"--data={tmp_path / 'my.txt'}",
+            "--max_iters=10", "--eval_interval=10", "--lr_decay_iters=10", "--learning_rate=1e-2", "--block_size=32",
+            "--lora_rank=4", "--lora_targets=all", f"--out_dir={tmp_path / 'lora'}"]
+    with working_dir(tmp_path):
+        assert train_cli.main(args) == 0
+    from model.checkpoint import load_checkpoint, model_from_checkpoint
+    from model.lora import merge_adapters
+    ours = model_from_checkpoint(load_checkpoint(tmp_path / "lora" / "ckpt.pt")).eval()
+    assert convert_main([str(tmp_path / "lora"), str(tmp_path / "adapters"), "--to=peft"]) == 0
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(folders["qwen2"]),
+                                            tmp_path / "adapters").eval()
+    x = ids(16)
+    with torch.no_grad():
+        expected = ours(x)[0]
+        assert (merge_adapters(model_from_checkpoint(load_checkpoint(folders["qwen2"])))(x)[0] - expected).abs().max() > 1e-4
+        torch.testing.assert_close(theirs(x).logits, expected, rtol=1e-5, atol=1e-5)
