@@ -362,6 +362,17 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def chunked_loss(self, x, targets, chunk=256):
+        """The same mean cross-entropy, `chunk` tokens at a time, each chunk's logits recomputed in
+        backward: with a large vocabulary (Qwen's 151,936) the logits are the biggest activation."""
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        total = sum(torch.utils.checkpoint.checkpoint(self.loss_sum, x[i:i + chunk], targets[i:i + chunk],
+                                                      use_reentrant=False) for i in range(0, len(x), chunk))
+        return total / (targets != -1).sum()
+
+    def loss_sum(self, x, targets):
+        return F.cross_entropy(self.lm_head(x), targets, ignore_index=-1, reduction="sum")
+
     def _check_input(self, idx, past):
         if torch.compiler.is_compiling():
             return

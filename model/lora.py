@@ -86,6 +86,13 @@ def add_adapters(model, lora):
     return chosen
 
 
+def adapter_size(model, lora):
+    """How many parameters `lora`'s adapters would add to `model` (without adding them)."""
+    suffixes = lora.layer_suffixes()
+    return sum(lora.rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name != "lm_head" and any(name == s or name.endswith("." + s) for s in suffixes))
+
+
 def merge_adapters(model):
     """Fold every adapter into its layer's weight, in place: the plain model the adapters made."""
     for name, module in list(model.named_modules()):

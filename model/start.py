@@ -13,7 +13,8 @@ from model.checkpoint import config_of, find_checkpoint, load_checkpoint, model_
 from model.config import MODEL_FIELDS, format_config
 from model.errors import UserError
 from model.gpt import GPT, RUN_FIELDS, GPTConfig
-from model.lora import LoRAConfig, add_adapters, merge_adapters
+from model.lora import LoRAConfig, adapter_size, add_adapters, merge_adapters
+from model.memory import check_fits
 from model.runtime import Runtime, setup_runtime
 from model.tasks import task_for_training
 
@@ -169,6 +170,9 @@ def prepare_run(cfg):
     model = build_model(cfg, start, task)
     model.to(rt.device, dtype=torch.float64 if rt.dtype == torch.float64 else torch.float32)
     cfg = replace(cfg, block_size=task.block_size, **{k: getattr(model.config, k) for k in MODEL_FIELDS})
+    memory = check_fits(model.config, model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        cfg.batch_size, rt.device, 8 if rt.dtype == torch.float64 else 4,
+                        adapter_size(model, LoRAConfig(8, targets="all")), start.mode == "finetune")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
     run = Run(cfg, rt, model, optimizer, task, lora_base=lora_base(cfg, start))
     if start.mode == "resume":
@@ -184,4 +188,5 @@ def prepare_run(cfg):
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         lora = f" (LoRA: {trained:,} of them train)" if cfg.lora_rank else ""
         print(f"model: {model.num_params():,} parameters{lora}, {how}")
+        print(memory)
     return run

@@ -121,3 +121,53 @@ def test_lora_from_scratch_and_bad_targets_are_one_line(in_tmp, trained_chinese,
     assert train_cli.main([str(ROOT / "configs" / "finetune.py"), f"--init_from={base / 'out' / 'chinese'}",
                            f"--data={ROOT / 'data' / 'chinese'}", "--lora_rank=4", "--lora_targets=wq"]) == 2
     assert "--lora_targets='wq' names no layer of this model" in capsys.readouterr().err
+
+
+MEASURE = """
+import json, sys, torch
+sys.path.insert(0, {root!r})
+from model import GPT, GPTConfig
+from model.lora import LoRAConfig, add_adapters
+from model.memory import estimate
+from model.runtime import peak_memory_mb
+from model.trainer import train_step
+config = GPTConfig(**json.loads(sys.argv[1]))
+model = GPT(config).train()
+if sys.argv[2] == "lora":
+    add_adapters(model, LoRAConfig(rank=8, targets="all"))
+trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
+x = torch.randint(config.vocab_size, (2, config.block_size + 1))
+train_step(model, optimizer, [(x[:, :-1], x[:, 1:])], 1e-4, 1.0)
+print(json.dumps({{"estimate": estimate(config, model.num_params(), trained, 2).total, "peak": peak_memory_mb("cpu")}}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,mode", [
+    (dict(n_layer=8, n_head=12, n_embd=768, vocab_size=16384, block_size=256), "full"),
+    (dict(n_layer=6, n_head=8, n_kv_head=2, n_embd=512, intermediate_size=1408, vocab_size=32768, block_size=256,
+          positions="rope", normalization="rmsnorm", mlp="gated", activation="silu", bias=False), "lora")])
+def test_the_memory_estimate_is_within_a_quarter_of_the_measured_peak(shape, mode):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", MEASURE.format(root=str(ROOT)), json.dumps(shape), mode],
+                         capture_output=True, text=True, check=True, timeout=300)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.75 < result["estimate"] / result["peak"] < 1.25, result
+
+
+def test_a_run_that_would_not_fit_names_the_options_that_would(trained_chinese, tmp_path, monkeypatch, capsys):
+    """Bug: a run that cannot fit starts anyway and dies of memory an hour later."""
+    import model.memory as memory
+    import train as train_cli
+    base, _ = trained_chinese
+    monkeypatch.setattr(memory, "available_mb", lambda device: 315.0)  # the process alone is counted as 300
+    args = [str(ROOT / "configs" / "finetune.py"), f"--init_from={base / 'out' / 'chinese'}",
+            f"--data={ROOT / 'data' / 'chinese'}", f"--out_dir={tmp_path / 'ft'}", "--batch_size=64"]
+    with working_dir(tmp_path):
+        assert train_cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: this run needs about") and "and 315 MB are available; options that fit:" in err
+    assert "--lora_rank=8 --lora_targets=all --gradient_checkpointing=True" in err and "--batch_size=" in err
+    assert not (tmp_path / "ft" / "ckpt.pt").exists()
