@@ -164,7 +164,7 @@ def folder_chat_template(folder, tokenizer):
     token = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731  (an AddedToken's fields, or a string)
     eos = token(config.get("eos_token"))
     end = "<|im_end|>" if source and "<|im_end|>" in source else eos
-    if not source or not end or getattr(tokenizer, "tok", None) is None or tokenizer.tok.token_to_id(end) is None:
+    if not source or not end or tokenizer.special_id(end) is None:  # no turn could ever end
         return None
     return {"end_of_turn": end, "markers": {}, "source": source,
             "variables": {"bos_token": token(config.get("bos_token")) or "", "eos_token": eos or ""}}
