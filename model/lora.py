@@ -102,6 +102,15 @@ def merge_adapters(model):
     return model
 
 
+def store_frozen_in(model, dtype):
+    """Keep the frozen weights in `dtype` (bfloat16, float16): they never change, so they need no
+    float32 master copy; what trains stays float32. Half the weights' memory under autocast."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def adapter_state(model):
     """What an adapter checkpoint keeps: every parameter that trains (the adapters, and embeddings
     grown for new tokens), by name."""

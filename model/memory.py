@@ -46,16 +46,19 @@ def block_floats(config, tokens):
     return tokens * (attention + hidden)
 
 
-def estimate(config, parameters, trained, batch_size, bytes_per_float=4):
+def estimate(config, parameters, trained, batch_size, bytes_per_float=4, half=False):
     """The memory of a training step of batch_size sequences of config.block_size tokens, for a model
-    of `parameters` of which `trained` learn. -> MemoryEstimate."""
-    mb = bytes_per_float / 2 ** 20
+    of `parameters` of which `trained` learn. `half`: under bfloat16/float16 autocast, where
+    activations take 2 bytes and a LoRA run keeps its frozen base in 2 bytes too. -> MemoryEstimate."""
+    mb, act_mb = bytes_per_float / 2 ** 20, (2 if half else bytes_per_float) / 2 ** 20
+    frozen_mb = act_mb if trained < parameters else mb
     tokens = batch_size * config.block_size
     kept = (config.n_layer * tokens * config.n_embd + block_floats(config, tokens) if config.gradient_checkpointing
             else config.n_layer * block_floats(config, tokens))
     # the logits, their log-softmax and their gradient; with checkpointing, one chunk of them at a time (GPT.chunked_loss)
     logits = 3 * (min(tokens, 256) if config.gradient_checkpointing else tokens) * config.vocab_size
-    return MemoryEstimate(parameters * mb, trained * mb, 2 * trained * mb, (kept + logits) * mb)
+    return MemoryEstimate(trained * mb + (parameters - trained) * frozen_mb, trained * mb, 2 * trained * mb,
+                          (kept + logits) * act_mb)
 
 
 def available_mb(device):
@@ -75,10 +78,10 @@ def available_mb(device):
         return None
 
 
-def check_fits(config, parameters, trained, batch_size, device, bytes_per_float, lora_parameters, finetune):
+def check_fits(config, parameters, trained, batch_size, device, bytes_per_float, half, lora_parameters, finetune):
     """The estimate's line, or UserError when it exceeds the memory available, naming the options
     that would fit: gradient checkpointing, LoRA (fine-tunes), a smaller batch."""
-    need = estimate(config, parameters, trained, batch_size, bytes_per_float)
+    need = estimate(config, parameters, trained, batch_size, bytes_per_float, half)
     have = available_mb(device)
     if have is None or need.total <= have:
         return need.line()
@@ -86,14 +89,14 @@ def check_fits(config, parameters, trained, batch_size, device, bytes_per_float,
     with_ckpt = replace(config, gradient_checkpointing=True)
     if not config.gradient_checkpointing:
         options.append(("--gradient_checkpointing=True", estimate(with_ckpt, parameters, trained, batch_size,
-                                                                  bytes_per_float)))
+                                                                  bytes_per_float, half)))
     if finetune and trained > lora_parameters:
         options.append(("--lora_rank=8 --lora_targets=all --gradient_checkpointing=True",
-                        estimate(with_ckpt, parameters, lora_parameters, batch_size, bytes_per_float)))
+                        estimate(with_ckpt, parameters, lora_parameters, batch_size, bytes_per_float, half)))
     for smaller in (batch_size // 2, batch_size // 4, 1):
         if 0 < smaller < batch_size:
             options.append((f"--batch_size={smaller} (with more --gradient_accumulation_steps)",
-                            estimate(config, parameters, trained, smaller, bytes_per_float)))
+                            estimate(config, parameters, trained, smaller, bytes_per_float, half)))
     fits = [f"{flags} ({e.total:,.0f} MB)" for flags, e in options if e.total <= have]
     raise UserError(f"this run needs about {need.total:,.0f} MB ({need.parts()}) and {have:,.0f} MB are "
                     f"available; " + (f"options that fit: {'; '.join(fits)}" if fits else

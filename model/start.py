@@ -13,7 +13,7 @@ from model.checkpoint import config_of, find_checkpoint, load_checkpoint, model_
 from model.config import MODEL_FIELDS, format_config
 from model.errors import UserError
 from model.gpt import GPT, RUN_FIELDS, GPTConfig
-from model.lora import LoRAConfig, adapter_size, add_adapters, merge_adapters
+from model.lora import LoRAConfig, adapter_size, add_adapters, merge_adapters, store_frozen_in
 from model.memory import check_fits
 from model.runtime import Runtime, setup_runtime
 from model.tasks import task_for_training
@@ -169,9 +169,12 @@ def prepare_run(cfg):
         task = task_for_training(cfg, start)
     model = build_model(cfg, start, task)
     model.to(rt.device, dtype=torch.float64 if rt.dtype == torch.float64 else torch.float32)
+    if cfg.lora_rank and rt.dtype in (torch.bfloat16, torch.float16):
+        store_frozen_in(model, rt.dtype)  # the base never changes: no float32 copy of it
     cfg = replace(cfg, block_size=task.block_size, **{k: getattr(model.config, k) for k in MODEL_FIELDS})
     memory = check_fits(model.config, model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad),
                         cfg.batch_size, rt.device, 8 if rt.dtype == torch.float64 else 4,
+                        rt.dtype in (torch.bfloat16, torch.float16),
                         adapter_size(model, LoRAConfig(8, targets="all")), start.mode == "finetune")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
     run = Run(cfg, rt, model, optimizer, task, lora_base=lora_base(cfg, start))

@@ -105,7 +105,8 @@ def estimate_losses(run, autocast):
 
 def evaluate(run, autocast):
     ev = estimate_losses(run, autocast)
-    ev.update(run.task.evaluate(run.model, run.rt.device))
+    with autocast:  # in the run's precision, as training (a LoRA run's frozen base may be bfloat16)
+        ev.update(run.task.evaluate(run.model, run.rt.device))
     return ev
 
 
@@ -326,8 +327,9 @@ def finish(run, progress):
                                             "dtype": str(rt.dtype).replace("torch.", ""),
                                             "loop_started_at": progress.start,
                                             "peak_memory_mb": peak_memory_mb(rt.device_type)})
-        summary["report"] = str(write_report(run.cfg.out_dir, run.model, run.task, run_config(run), run.iter_num,
-                                             rt.device))
+        with autocast_context(rt.device_type, rt.dtype):
+            summary["report"] = str(write_report(run.cfg.out_dir, run.model, run.task, run_config(run), run.iter_num,
+                                                 rt.device))
         print(f"stopped after {run.iter_num} iterations ({summary['stopped']}) in {summary['wall_s']:.1f}s; "
               f"checkpoint: {summary['checkpoint']}; report: {summary['report']}")
     return summary

@@ -171,3 +171,23 @@ def test_a_run_that_would_not_fit_names_the_options_that_would(trained_chinese, 
     assert err.startswith("error: this run needs about") and "and 315 MB are available; options that fit:" in err
     assert "--lora_rank=8 --lora_targets=all --gradient_checkpointing=True" in err and "--batch_size=" in err
     assert not (tmp_path / "ft" / "ckpt.pt").exists()
+
+
+def test_lora_under_bfloat16_keeps_the_frozen_base_in_bfloat16(trained_chinese, tmp_path):
+    """--dtype=bfloat16: the base never changes, so it is kept in bfloat16 (half the memory); the
+    adapters and their AdamW state stay float32; training still learns and saves float32 adapters."""
+    from model.config import TrainConfig, load_config
+    from model.start import prepare_run
+    base, _ = trained_chinese
+    args = [str(ROOT / "configs" / "finetune.py"), f"--init_from={base / 'out' / 'chinese'}",
+            f"--data={ROOT / 'data' / 'chinese'}", f"--out_dir={tmp_path / 'bf16'}", "--val_fraction=0", "--device=cpu",
+            "--dtype=bfloat16", *LORA]
+    with working_dir(tmp_path):
+        run = prepare_run(load_config(TrainConfig, args))
+    dtypes = {(p.requires_grad, p.dtype) for p in run.model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    summary = lora_run(base, tmp_path / "bf16", "--max_iters=30", "--eval_interval=30", "--learning_rate=1e-2",
+                       "--device=cpu", "--dtype=bfloat16")
+    assert summary["loss"] < 1.0
+    ckpt = load_checkpoint(tmp_path / "bf16" / "ckpt.pt")
+    assert {v.dtype for v in ckpt["model"].values()} == {torch.float32}
