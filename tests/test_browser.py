@@ -134,8 +134,11 @@ def test_arrow_keys_and_j_k_move_the_current_step(sorter_page, browser):
         assert current() == expected, f"after {key}: step {current()}"
     assert page.page.url.endswith("#step-2") and page.page.locator("section.step.current").get_attribute("id") == "step-2"
     page.page.locator('nav a[href="#step-40"]').click()
+    settle = lambda n: page.page.wait_for_function(f"document.body.dataset.current === '{n}'", timeout=5000)  # noqa: E731
+    settle(40)  # hashchange arrives after the click returns: a loaded machine showed the race
     assert current() == 40, "a step's link makes it the current step"
     page.page.go_back()
+    settle(2)
     assert current() == 2, "and Back returns to the one before"
 
 
