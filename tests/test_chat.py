@@ -245,3 +245,22 @@ def test_the_walkthrough_names_the_special_tokens_and_what_the_loss_counts(train
     assert walk_main([f"--out_dir={out}", "--start=305", "--format=json"]) == 0
     walk = json.loads(capsys.readouterr().out)
     assert walk["tokens"][-1] == "<|assistant|>" and "give the answer with --reply" in walk["template"][1]
+
+
+def test_prepared_examples_are_reused_until_the_data_changes(tmp_path, monkeypatch):
+    """Bug: the digest written while preparing differs from the one reuse computes, so a touched but
+    unchanged file is prepared again (or a changed one is not)."""
+    import model.tasks.chat as chat
+    from model.config import TrainConfig
+    from model.start import Start
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "ab", "completion": "ba"}\n' * 4, encoding="utf-8")
+    prepared = []
+    real = chat.prepare_examples
+    monkeypatch.setattr(chat, "prepare_examples", lambda *a: prepared.append(1) or real(*a))
+    cfg = TrainConfig(data=str(data), out_dir=str(tmp_path / "o"), val_fraction=0.0, block_size=16)
+    same, changed = '{"prompt": "ab", "completion": "ba"}\n' * 4, '{"prompt": "ab", "completion": "ab"}\n' * 4
+    for text in (same, same, changed):  # each write a new mtime: the second is hashed, found unchanged
+        data.write_text(text, encoding="utf-8")
+        chat.ChatTask.for_training(cfg, Start("scratch"))
+    assert prepared == [1, 1], "prepared once for the bytes, once for the changed text"

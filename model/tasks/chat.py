@@ -115,17 +115,21 @@ class ChatTemplate:
 
 # ---- reading .jsonl files ------------------------------------------------------------------
 
-def read_records(source):
-    """(messages, is_pair) for every line of the .jsonl files, read one line at a time. A bad line
-    raises UserError naming its file and line number."""
+def read_records(source, hasher=None):
+    """(messages, is_pair) for every line of the .jsonl files, read one line at a time (its bytes
+    into `hasher`, which then holds the files' SHA-256 as TextSource.chunks computes it). A bad
+    line raises UserError naming its file and line number."""
     for path in source.files:
-        with open(path, encoding="utf-8") as f:
-            try:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        yield conversation(line, f"{path}, line {n}")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path} is not UTF-8 text: {e.reason}") from None
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if hasher is not None:
+                    hasher.update(raw)
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}, line {n} is not UTF-8 text: {e.reason}") from None
+                if line.strip():
+                    yield conversation(line, f"{path}, line {n}")
 
 
 def conversation(line, where):
@@ -188,10 +192,10 @@ def held_out(n, val_fraction, seed):
     return is_val
 
 
-def prepare_examples(source, tokenizer, template, prepared, is_val, settings):
+def prepare_examples(source, tokenizer, template, prepared, is_val, settings, hasher):
     """Each record's ids and loss mask into prepared/{train,val}.{ids,loss}.bin, with the examples'
-    start offsets; meta.json last (a stopped run leaves nothing to reuse). Returns whether every
-    record is a prompt/completion pair."""
+    start offsets; meta.json last (a stopped run leaves nothing to reuse), with `hasher`'s digest of
+    the files. Returns whether every record is a prompt/completion pair."""
     prepared.mkdir(parents=True, exist_ok=True)
     (prepared / "meta.json").unlink(missing_ok=True)
     dtype, pairs = token_dtype(tokenizer.model_vocab_size()), True
@@ -213,9 +217,6 @@ def prepare_examples(source, tokenizer, template, prepared, is_val, settings):
             f.close()
     for split, starts in offsets.items():
         np.save(prepared / f"{split}.offsets.npy", np.array(starts, dtype=np.int64))
-    hasher = hashlib.sha256()
-    for _ in source.chunks(hasher):
-        pass
     write_meta(prepared, source, hasher, settings, tokenizer, dtype, pairs=pairs, template=template.to_dict())
     return pairs
 
@@ -280,12 +281,14 @@ class ChatTask:
         if meta is not None:
             tokenizer, template = tokenizer_from_dict(meta["tokenizer"]), ChatTemplate.from_dict(meta["template"])
         else:
-            n = sum(1 for _ in read_records(source))  # every line checked before anything is written
+            hasher = hashlib.sha256()  # hashed as the lines are checked: no pass over the files only to hash them
+            n = sum(1 for _ in read_records(source, hasher))  # every line checked before anything is written
             if n == 0:
                 raise UserError(f"{cfg.data} holds no examples: one JSON object a line")
             base = text_tokenizer(cfg, start, lambda: contents(source))
             template, tokenizer = start_template(start, base)
-            prepare_examples(source, tokenizer, template, prepared, held_out(n, cfg.val_fraction, cfg.seed), settings)
+            prepare_examples(source, tokenizer, template, prepared, held_out(n, cfg.val_fraction, cfg.seed), settings,
+                             hasher)
             meta = json.loads((prepared / "meta.json").read_text(encoding="utf-8"))
         block_size, vocab = text_model_shape(cfg, start, tokenizer)
         data = open_examples(prepared, meta["dtype"], block_size)
@@ -422,7 +425,7 @@ class ChatTask:
         return "\n".join(lines)
 
     def attention_prompt(self, model, start):
-        """The templated question (the first held-out one, or --start) and the model's greedy reply."""
+        """The templated question (--start, or '?' when none is given) and the model's greedy reply."""
         ids, room, _ = self.fit([{"role": "user", "content": start or "?"}], self.block_size)
         out = self.generate(model, torch.tensor([ids]), room)[0].tolist()
         out = out[:out.index(self.end, len(ids)) + 1] if self.end in out[len(ids):] else out
