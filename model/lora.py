@@ -73,9 +73,7 @@ def add_adapters(model, lora):
     names of the adapted layers; a target that names no layer is a UserError."""
     for p in model.parameters():
         p.requires_grad_(False)
-    suffixes = lora.layer_suffixes()
-    chosen = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"
-              and any(name == s or name.endswith("." + s) for s in suffixes)]
+    chosen = [name for name, _ in target_layers(model, lora)]
     if not chosen:
         raise UserError(f"--lora_targets={lora.targets!r} names no layer of this model; use attention, mlp, all, or "
                         f"names like c_attn,c_proj,c_fc")
@@ -86,11 +84,16 @@ def add_adapters(model, lora):
     return chosen
 
 
+def target_layers(model, lora):
+    """(name, layer) of every linear layer `lora.targets` names (never the LM head)."""
+    suffixes = lora.layer_suffixes()
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"
+            and any(name == s or name.endswith("." + s) for s in suffixes)]
+
+
 def adapter_size(model, lora):
     """How many parameters `lora`'s adapters would add to `model` (without adding them)."""
-    suffixes = lora.layer_suffixes()
-    return sum(lora.rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name != "lm_head" and any(name == s or name.endswith("." + s) for s in suffixes))
+    return sum(lora.rank * (m.in_features + m.out_features) for _, m in target_layers(model, lora))
 
 
 def merge_adapters(model):
