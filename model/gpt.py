@@ -120,10 +120,10 @@ class SinusoidalPositions(nn.Module):
         self.register_buffer("anchor", torch.zeros(0), persistent=False)
 
     def forward(self, pos):
-        """pos: (T,) positions -> (T, C)."""
+        """pos: (T,) or (B, T) positions -> (T, C) or (B, T, C)."""
         i2 = torch.arange(0, self.n_embd, 2, dtype=self.anchor.dtype, device=pos.device)  # 2i
-        angle = pos.to(self.anchor.dtype)[:, None] / 10000 ** (i2 / self.n_embd)  # (T, C / 2)
-        return torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).flatten(1)[:, :self.n_embd]
+        angle = pos.to(self.anchor.dtype)[..., None] / 10000 ** (i2 / self.n_embd)  # (..., T, C / 2)
+        return torch.stack([torch.sin(angle), torch.cos(angle)], dim=-1).flatten(-2)[..., :self.n_embd]
 
 
 class Rotary(nn.Module):
@@ -137,11 +137,14 @@ class Rotary(nn.Module):
         self.register_buffer("anchor", torch.zeros(0), persistent=False)  # follows the model's dtype and device
 
     def forward(self, pos):
-        """pos (T,) -> (cos, sin), each (T, hs), for rotate()."""
+        """pos (T,) -> (cos, sin), each (T, hs), for rotate(); pos (B, T) (rows at their own
+        positions) -> each (B, 1, T, hs), the same for every head."""
         inv_freq = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=pos.device)
                                         / self.head_dim)
-        angle = pos.double()[:, None] * inv_freq  # (T, hs / 2), in float64 so float32 models match HF's tables
+        angle = pos.double()[..., None] * inv_freq  # (..., T, hs / 2), in float64 so float32 models match HF's tables
         angle = torch.cat([angle, angle], dim=-1)
+        if pos.dim() == 2:
+            angle = angle.unsqueeze(1)
         return angle.cos().to(self.anchor.dtype), angle.sin().to(self.anchor.dtype)
 
 
@@ -165,7 +168,8 @@ class KVCache:
     """Keys and values of every layer for the tokens seen so far, so generation feeds one new
     token per step instead of the whole sequence. Each layer's store is (B, nkv, length, hs), length
     block_size or what a generation needs (a Qwen's block_size is 32768); with grouped-query
-    attention it holds only the shared heads."""
+    attention it holds only the shared heads. Every row has the same length: the tokens of a step
+    take the positions after the cached ones, and the usual causal mask applies."""
 
     def __init__(self, config, batch_size, device, dtype, length=None):
         shape = (batch_size, config.n_kv_head, length or config.block_size, config.head_dim)
@@ -173,12 +177,66 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # tokens stored so far (the position of the next token)
 
+    def start(self, T, device):
+        """A step of T new tokens begins -> (their positions (T,), None: the usual causal mask)."""
+        return torch.arange(self.length, self.length + T, dtype=torch.long, device=device), None
+
     def append(self, layer, k, v):
         """Store k, v (B, nkv, T, hs) after the cached ones; return all keys and values so far."""
         end = self.length + k.size(2)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, T):
+        self.length += T
+
+
+class RaggedKVCache(KVCache):
+    """A KV cache whose rows are sequences of different lengths, for serving: requests join and
+    leave a running batch between steps. A step runs on the rows use(a, b) picks, each row's new
+    tokens at its own positions, each query seeing only its own row's keys up to itself."""
+
+    def __init__(self, config, batch_size, device, dtype, length=None):
+        super().__init__(config, batch_size, device, dtype, length)
+        self.lengths = [0] * batch_size  # tokens stored in each row
+        self.rows = slice(0, batch_size)
+
+    def use(self, a, b):
+        """The next steps run on rows a .. b - 1 (their tokens are the batch's rows, in order)."""
+        self.rows = slice(a, b)
+        self.length = max(self.lengths[self.rows])  # the longest row: what the model checks against block_size
+
+    def start(self, T, device):
+        """-> (positions (B, T), mask (B, 1, T, S)): query t of row b sees keys 0 .. lengths[b] + t."""
+        past = torch.tensor(self.lengths[self.rows], dtype=torch.long, device=device)
+        self.pos = past[:, None] + torch.arange(T, device=device)  # (B, T)
+        keys = torch.arange(self.length + T, device=device)
+        return self.pos, keys[None, None, None, :] <= self.pos[:, None, :, None]
+
+    def append(self, layer, k, v):
+        """Store k, v (B, nkv, T, hs) at each row's positions; return the rows' keys and values so far."""
+        where = self.pos[:, None, :, None].expand_as(k)
+        keys, values = self.keys[layer][self.rows], self.values[layer][self.rows]
+        keys.scatter_(2, where, k)
+        values.scatter_(2, where, v)
+        end = self.length + k.size(2)
+        return keys[:, :, :end], values[:, :, :end]
+
+    def advance(self, T):
+        for i in range(self.rows.start, self.rows.stop):
+            self.lengths[i] += T
+        self.length += T
+
+    def reset(self, row):
+        self.lengths[row] = 0
+
+    def move(self, src, dst):
+        """Row src's cached tokens become row dst's (a finished request's row is refilled by the last one)."""
+        n = self.lengths[src]
+        for store in (*self.keys, *self.values):
+            store[dst, :, :n] = store[src, :, :n]
+        self.lengths[dst] = n
 
 
 class CausalSelfAttention(nn.Module):
@@ -196,9 +254,10 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, kv_cache=None, layer=0, rope=None):
+    def forward(self, x, kv_cache=None, layer=0, rope=None, mask=None):
         """x: (B, T, C) -> (B, T, C). With a kv_cache, x holds only the new tokens; rope: their
-        (cos, sin) when positions are rotary."""
+        (cos, sin) when positions are rotary; mask (B, 1, T, S): which keys each query sees, when
+        rows are at different positions (None: the usual causal mask)."""
         B, T, C = x.size()
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
@@ -213,25 +272,28 @@ class CausalSelfAttention(nn.Module):
         if nkv < nh:  # grouped-query attention: each key/value head serves nh // nkv query heads
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         if self.attention == "explicit":
-            y = self.explicit_attention(q, k, v)
+            y = self.explicit_attention(q, k, v, mask)
         else:
-            y = self.sdpa_attention(q, k, v)
+            y = self.sdpa_attention(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # join the heads again
         return self.resid_dropout(self.c_proj(y))
 
-    def explicit_attention(self, q, k, v):
+    def explicit_attention(self, q, k, v, mask=None):
         """softmax(Q K^T / sqrt(hs) + causal mask) V, written out. q: (B, nh, T, hs), k, v: (B, nh, past + T, hs)."""
         T, S = q.size(2), k.size(2)
         scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
-        scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+        mask = causal_mask(T, S, q.device) if mask is None else mask
+        scores = scores.masked_fill(~mask, float("-inf"))
         att = F.softmax(scores, dim=-1)
         att = self.attn_dropout(att)
         return att @ v  # (B, nh, T, hs)
 
-    def sdpa_attention(self, q, k, v):
+    def sdpa_attention(self, q, k, v, mask=None):
         """The same maths through PyTorch's fused kernel (flash attention where available)."""
         dropout = self.dropout if self.training else 0.0
         T, S = q.size(2), k.size(2)
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         if T == S:  # no cache: the kernel's own causal mask
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         if T == 1:  # one new token sees every cached key: no mask needed
@@ -285,11 +347,11 @@ class Block(nn.Module):
         self.ln_2 = norm_layer(config)
         self.mlp = GatedMLP(config) if config.mlp == "gated" else MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0, rope=None):
+    def forward(self, x, kv_cache=None, layer=0, rope=None, mask=None):
         if self.post:
-            x = self.ln_1(x + self.attn(x, kv_cache, layer, rope))
+            x = self.ln_1(x + self.attn(x, kv_cache, layer, rope, mask))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope)
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, rope, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -340,10 +402,13 @@ class GPT(nn.Module):
         past = kv_cache.length if kv_cache is not None else 0
         self._check_input(idx, past)
         B, T = idx.size()
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        if kv_cache is None:
+            pos, mask = torch.arange(T, dtype=torch.long, device=idx.device), None
+        else:
+            pos, mask = kv_cache.start(T, idx.device)  # a ragged cache: each row at its own positions
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(pos)  # (T, C), broadcast over the batch
+            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
         rope = self.rotary(pos) if self.rotary is not None else None  # computed once, used by every layer
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
@@ -351,9 +416,9 @@ class GPT(nn.Module):
                 # the same gradients for less memory: this block's activations are recomputed in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, kv_cache, layer, rope, use_reentrant=False)
             else:
-                x = block(x, kv_cache, layer, rope)
+                x = block(x, kv_cache, layer, rope, mask)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         if self.config.norm == "pre":
             x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, vocab_size)
@@ -390,10 +455,11 @@ class GPT(nn.Module):
             raise ValueError(
                 f"token ids {bad[:10]} are outside the vocabulary [0, {self.config.vocab_size})")
 
-    def new_kv_cache(self, batch_size, length=None):
-        """A cache for batch_size sequences of up to `length` tokens (default block_size)."""
+    def new_kv_cache(self, batch_size, length=None, ragged=False):
+        """A cache for batch_size sequences of up to `length` tokens (default block_size); ragged:
+        rows of different lengths (RaggedKVCache)."""
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, p.device, p.dtype, length)
+        return (RaggedKVCache if ragged else KVCache)(self.config, batch_size, p.device, p.dtype, length)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices and embeddings (2+ dims) only, never on biases

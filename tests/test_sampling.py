@@ -84,6 +84,34 @@ def test_cached_logits_equal_full_recompute(attention, chunks, arch):
                                msg=lambda m: f"chunks {chunks}, {attention}: {m}")
 
 
+@ARCHS
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_ragged_rows_each_get_the_logits_they_get_alone(attention, arch):
+    """Serving's cache: prompts of 5, 2 and 7 tokens read row by row, then steps for all rows at once
+    (each at its own position), then the first row left and the last moved into its place. Catches a
+    position, mask or cache row taken from another sequence."""
+    model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=12, attention=attention, **arch)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(11, (1, n), generator=g) for n in (5, 2, 7)]
+    cache = model.new_kv_cache(3, ragged=True)
+    for row, seq in enumerate(seqs):
+        cache.use(row, row + 1)
+        model(seq, kv_cache=cache)
+    for _ in range(2):
+        cache.use(0, 3)
+        nxt = torch.randint(11, (3, 1), generator=g)
+        logits = model(nxt, kv_cache=cache)[0][:, -1]
+        seqs = [torch.cat([s, nxt[i:i + 1]], dim=1) for i, s in enumerate(seqs)]
+        for row, seq in enumerate(seqs):
+            torch.testing.assert_close(logits[row], model(seq)[0][0, -1], rtol=0, atol=1e-12)
+    cache.move(2, 0)
+    cache.use(0, 2)
+    logits = model(torch.tensor([[3], [4]]), kv_cache=cache)[0][:, -1]
+    for row, (seq, token) in enumerate(((seqs[2], 3), (seqs[1], 4))):
+        torch.testing.assert_close(logits[row], model(torch.cat([seq, torch.tensor([[token]])], 1))[0][0, -1],
+                                   rtol=0, atol=1e-12)
+
+
 # ---- sample.py ----------------------------------------------------------------------------
 
 def test_sort_start_prints_the_answer(trained_sort, capsys):
@@ -163,7 +191,7 @@ def test_no_checkpoint_says_how_to_train_one(capsys, in_tmp):
 def test_sort_start_must_be_valid(trained_sort, capsys):
     base, _ = trained_sort
     assert sample_cli.main([f"--out_dir={base / 'out' / 'sort'}", "--start=CBAD"]) == 2
-    assert "--start must be 6 letters from ABC, got 'CBAD'" in capsys.readouterr().err
+    assert "a prompt must be 6 letters from ABC, got 'CBAD'" in capsys.readouterr().err
 
 
 def test_models_opened_for_use_decode_in_the_faster_layout_with_the_same_numbers(trained_chinese):
