@@ -269,6 +269,7 @@ class ChatTask:
         self.data, self.pairs = data, pairs
         self.model_vocab_size = model_vocab_size or tokenizer.model_vocab_size()
         self.end = tokenizer.special_id(template.end_of_turn)
+        self.banned = [i for i in tokenizer.never_sampled() if i != self.end]  # BERT's [SEP] may end a turn
 
     @classmethod
     def for_training(cls, cfg, start):
@@ -349,10 +350,8 @@ class ChatTask:
     def generate(self, model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, generator=None,
                  on_token=None):
         """Replies to prompts (B, T) -> (B, T + n), stopping once every row has written the end of turn."""
-        tok = self.tokenizer
-        banned = [i for i in tok.never_sampled() if i != self.end]  # BERT's [SEP] may end a turn
         return generate(model, prompts, max_new_tokens, temperature, top_k, top_p, generator, on_token=on_token,
-                        vocab_limit=tok.vocab_size, banned=banned, stop_id=self.end)
+                        vocab_limit=self.tokenizer.vocab_size, banned=self.banned, stop_id=self.end)
 
     def reply_text(self, ids):
         """The text of a reply's ids, up to its end-of-turn token."""
@@ -447,10 +446,29 @@ class ChatTask:
             print(f"\n{SEPARATOR}\n{reply}", end="")
         print()
 
+    def encode_prompt(self, text):
+        """Plain text (no template) as ids, to be continued; UserError for characters the model lacks."""
+        self.refuse_unknown([{"content": text}])
+        return self.tokenizer.encode(text)
+
+    def encode_messages(self, messages):
+        """A whole conversation as the ids its reply follows (ending with the assistant's marker);
+        UserError for characters the model lacks."""
+        self.refuse_unknown(messages)
+        return self.template.encode(self.tokenizer, messages, generation_prompt=True)[0]
+
+    def unknown_characters(self, messages):
+        return "".join(dict.fromkeys(c for m in messages for c in self.tokenizer.unknown(m["content"])))
+
+    def refuse_unknown(self, messages):
+        missing = self.unknown_characters(messages)
+        if missing:
+            raise UserError(f"the model does not know the characters {missing!r}; rephrase without them")
+
     def check_spelling(self, messages, drop_unknown):
-        missing = [c for m in messages for c in self.tokenizer.unknown(m["content"])]
+        missing = self.unknown_characters(messages)
         if missing and not drop_unknown:
-            raise UserError(f"the model does not know the characters {''.join(dict.fromkeys(missing))!r}; "
+            raise UserError(f"the model does not know the characters {missing!r}; "
                             f"rephrase, or pass --drop_unknown=True to leave them out")
 
 

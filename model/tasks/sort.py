@@ -125,10 +125,14 @@ class SortTask:
 
     def read_letters(self, text):
         """A prompt as letters (1, length), or UserError saying what a prompt must be."""
+        return torch.tensor([self.encode_prompt(text)])
+
+    def encode_prompt(self, text):
+        """A prompt's ids: `length` letters from the alphabet, else UserError saying so."""
         text = text.strip()
         if len(text) != self.length or self.tokenizer.unknown(text):
-            raise UserError(f"--start must be {self.length} letters from {self.alphabet}, got {text!r}")
-        return torch.tensor([self.tokenizer.encode(text)])
+            raise UserError(f"a prompt must be {self.length} letters from {self.alphabet}, got {text!r}")
+        return self.tokenizer.encode(text)
 
     def attention_prompt(self, model, start):
         """An input and the model's greedy answer (as trained), as (tokens, ids)."""

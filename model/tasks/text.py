@@ -81,7 +81,7 @@ class TextTask:
     def encode_prompt(self, text):
         unknown = self.tokenizer.unknown(text)
         if unknown:
-            raise UserError(f"--start has characters the model does not know: {''.join(unknown)!r}")
+            raise UserError(f"the prompt has characters the model does not know: {''.join(unknown)!r}")
         return self.tokenizer.encode(text)
 
     def attention_prompt(self, model, start):
