@@ -1,4 +1,4 @@
-"""Configuration for every command line (train.py, sample.py, the walkthrough, the plots):
+"""Configuration for every command line (train.py, sample.py, the walkthrough, the plots, serving):
 dataclasses of plain fields, filled from a config file (a Python file of plain assignments)
 and then from `--key=value` / `--key value` flags."""
 
@@ -168,6 +168,28 @@ class WalkthroughConfig:
             raise UserError(f"max_cols must be at least 2, got {self.max_cols}")
         if self.temperature <= 0:
             raise UserError(f"temperature must be greater than 0, got {self.temperature}")
+
+
+@dataclass
+class ServeConfig:
+    out_dir: str = ""  # a training run's out_dir; empty: the checkpoint train.py wrote last
+    ckpt: str = ""  # a checkpoint file or a Hugging Face folder (instead of out_dir)
+    meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
+    device: str = "auto"
+    host: str = "127.0.0.1"  # this machine only; 0.0.0.0 serves the network (set an api_key then)
+    port: int = 8000
+    model_name: str = ""  # the name clients ask for; empty: the checkpoint's folder name
+    api_key: str = ""  # required as 'Authorization: Bearer KEY' when set (or from $SMALLGPT_API_KEY)
+    max_batch: int = 16  # sequences decoded together at most; more requests wait their turn
+    max_queue: int = 64  # requests waiting at most; more are answered 429 (busy)
+    max_body: int = 1_000_000  # bytes a request body may have
+
+    def validate(self):
+        for name in ("max_batch", "max_queue", "max_body"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"port must be between 0 and 65535, got {self.port}")
 
 
 @dataclass

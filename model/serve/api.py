@@ -1,0 +1,415 @@
+"""The OpenAI API over HTTP, on Starlette: what a request may say, and the answers' shapes.
+
+    POST /v1/chat/completions   messages -> the assistant's reply (models with a chat template)
+    POST /v1/completions        prompt -> its continuation (every model)
+    GET  /v1/models             the one model served
+    GET  /                      the chat page
+
+Requests become engine Jobs; replies come back whole or, with "stream": true, as server-sent
+events in the API's chunk format, ending with `data: [DONE]`. Every mistake in a request is an
+OpenAI-style JSON error with a 4xx status, and the server goes on serving.
+"""
+
+import asyncio
+import hmac
+import json
+import secrets
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from model.errors import UserError
+from model.serve.engine import Job, QueueFull, StopText
+from model.tasks import chat_task
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: o1's system
+UNSUPPORTED = ("logprobs", "echo", "tools", "functions", "suffix")  # refused when set, never silently ignored
+DEFAULT_COMPLETION_TOKENS = 16  # the API's default max_tokens for /v1/completions (chat: the rest of the context)
+
+
+class RequestError(Exception):
+    """What is wrong with a request: its status and the API's error fields."""
+
+    def __init__(self, message, status=400, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+
+def error_body(message, kind, param=None, code=None):
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass
+class Served:
+    """The model a server serves and how text becomes its tokens: `task` encodes a prompt for
+    /v1/completions, `chat` (a ChatTask, or None: no template) a conversation."""
+    name: str
+    task: object
+    chat: object
+    tokenizer: object
+    block_size: int
+    created: int
+
+    @classmethod
+    def of(cls, opened, name=""):
+        if opened.tokenizer is None:
+            raise UserError(f"{opened.path} has no vocabulary (a nanoGPT checkpoint keeps it in meta.pkl): pass "
+                            f"--meta=path/to/meta.pkl so requests can be read")
+        name = name or (opened.path.parent.name if opened.path.is_file() else opened.path.name)
+        return cls(name, opened.task, chat_task(opened.ckpt, opened.task), opened.tokenizer,
+                   opened.model.config.block_size, int(opened.path.stat().st_mtime))
+
+
+# ---- reading a request ------------------------------------------------------------------------
+
+KINDS = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list, "object": dict}
+
+
+def get(body, name, kind, default=None, where=""):
+    """body[name] if it is of the JSON kind given, default if absent or null, else RequestError."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, KINDS[kind]) or (isinstance(value, bool) and kind != "boolean"):
+        raise RequestError(f"'{where}{name}' must be {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got "
+                           f"{json.dumps(value, ensure_ascii=False)[:40]}", param=where + name)
+    return value
+
+
+def in_range(body, name, default, low, high):
+    value = get(body, name, "number", default)
+    if not low <= value <= high:
+        raise RequestError(f"'{name}' must be between {low} and {high}, got {value}", param=name)
+    return value
+
+
+async def read_body(request, limit):
+    """The request's JSON object, read no further than `limit` bytes."""
+    size = request.headers.get("content-length", "")
+    if size.isdigit() and int(size) > limit:
+        raise RequestError(f"the request body is {int(size):,} bytes; this server takes at most {limit:,}", 413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(f"the request body is over {limit:,} bytes, the most this server takes", 413)
+    try:
+        data = json.loads(body)
+    except ValueError as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError("the request body must be a JSON object")
+    return data
+
+
+def read_messages(body):
+    """The conversation: a non-empty list of {role, content}, content a string or text parts."""
+    messages = get(body, "messages", "array")
+    if not messages:
+        raise RequestError("'messages' must be a non-empty array of {\"role\": ..., \"content\": ...}",
+                           param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]."
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RequestError(f"'{where}role' must be one of {', '.join(ROLES)}", param=where + "role")
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise RequestError(f"'{where}content' must be a string or a list of text parts",
+                               param=where + "content")
+        out.append({"role": ROLES[m["role"]], "content": content})
+    return out
+
+
+def read_prompt(body):
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise RequestError("'prompt' must be a string (one prompt a request)", param="prompt")
+    return prompt
+
+
+def encoded(encode, text):
+    try:
+        return encode(text)
+    except UserError as e:
+        raise RequestError(str(e)) from None
+
+
+def read_job(body, served, prompt, chat):
+    """The Job a request asks for, its prompt's ids given; every option checked. chat: whether it
+    is a chat completion (by default it may take the rest of the context; a completion 16 tokens)."""
+    for name in UNSUPPORTED:
+        if body.get(name):
+            raise RequestError(f"'{name}' is not supported by this server", param=name)
+    if get(body, "n", "integer", 1) != 1:
+        raise RequestError("'n' must be 1: one choice a request", param="n")
+    room = served.block_size + 1 - len(prompt)  # the last token written is never read back
+    if room < 1:
+        raise RequestError(f"the prompt is {len(prompt)} tokens; this model reads at most {served.block_size} "
+                           f"(its block_size): shorten it", code="context_length_exceeded")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = get(body, name, "integer", room if chat else min(DEFAULT_COMPLETION_TOKENS, room))
+    if max_tokens < 1:
+        raise RequestError(f"'{name}' must be at least 1, got {max_tokens}", param=name)
+    if max_tokens > room:
+        raise RequestError(f"'{name}' is {max_tokens}, past the context: the prompt takes {len(prompt)} of the "
+                           f"model's {served.block_size + 1} tokens, so at most {room} can follow", param=name,
+                           code="context_length_exceeded")
+    temperature, top_p = in_range(body, "temperature", 1.0, 0, 2), in_range(body, "top_p", 1.0, 0, 1)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise RequestError("'stop' must be a string or an array of at most 4 strings", param="stop")
+    turns = served.chat  # a model trained to answer stops at its end of turn, on both routes
+    return Job(prompt, max_tokens, StopText(served.tokenizer, stop), emit=None,
+               temperature=0.0 if top_p == 0 else temperature, top_p=top_p, seed=get(body, "seed", "integer"),
+               stop_id=turns.end if turns else None,
+               banned=turns.banned if turns else served.tokenizer.never_sampled())
+
+
+# ---- answering -----------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    """How one request's answer is written: its id, kind (chat or text) and model."""
+    kind: str
+    model: str
+    prompt_tokens: int
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self):
+        self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    def usage(self, job):
+        n = len(job.tokens)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+    def choice(self, text, reason, delta=None):
+        """The one choice of a reply; for a chat chunk, `delta` is the message's part it brings."""
+        if self.kind == "text":
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        if delta is not None:
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+
+    def whole(self, text, reason, job):
+        kind = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": [self.choice(text, reason)], "usage": self.usage(job)}
+
+    def chunk(self, choices, usage=None):
+        kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return f"data: {json.dumps(body if usage is None else {**body, 'usage': usage}, ensure_ascii=False)}\n\n"
+
+
+async def until_disconnected(receive, work):
+    """Await work() unless the client goes away first (then work is cancelled) -> whether it finished."""
+    finished = False
+    async with anyio.create_task_group() as group:
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(watch)
+        await work()
+        finished = True
+        group.cancel_scope.cancel()
+    return finished
+
+
+class Mailbox:
+    """Events from the engine's thread to the requests' queues on the event loop. A step's events go
+    over together, in one call: one wake-up of the loop a step, not one a token of every request."""
+
+    def __init__(self, loop):
+        self.loop, self.pending, self.lock = loop, [], threading.Lock()
+
+    def post(self, queue, event):
+        """From the engine's thread: event for the request reading `queue`."""
+        with self.lock:
+            self.pending.append((queue, event))
+            if len(self.pending) > 1:  # a delivery is on its way already
+                return
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.deliver)
+
+    def deliver(self):
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that stop the moment the client goes away, whatever the ASGI server."""
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send):
+        async def stream():
+            try:
+                await self.stream_response(send)
+            except OSError:  # the client went away while we wrote
+                pass
+        await until_disconnected(receive, stream)
+
+
+class Api:
+    """The routes, over one served model and its engine."""
+
+    def __init__(self, served, engine, api_key="", max_body=1_000_000):
+        self.served, self.engine, self.api_key, self.max_body = served, engine, api_key, max_body
+        self.mailbox = None  # made when the app starts, on its event loop
+
+    def check_key(self, request):
+        if not self.api_key:
+            return
+        given = request.headers.get("authorization", "")
+        if not given.startswith("Bearer "):
+            raise RequestError("no API key given: send the header 'Authorization: Bearer YOUR_KEY'", 401,
+                               code="invalid_api_key")
+        if not hmac.compare_digest(given[7:].encode(), self.api_key.encode()):  # in constant time
+            raise RequestError("the API key is not this server's", 401, code="invalid_api_key")
+
+    async def request(self, request):
+        """The request's body once its key and model are right."""
+        self.check_key(request)
+        body = await read_body(request, self.max_body)
+        model = get(body, "model", "string")
+        if model is None:
+            raise RequestError(f"'model' is missing: this server serves {self.served.name!r}", param="model")
+        if model != self.served.name:
+            raise RequestError(f"the model {model!r} does not exist; this server serves {self.served.name!r}", 404,
+                               param="model", code="model_not_found")
+        return body
+
+    async def chat_completions(self, request):
+        body = await self.request(request)
+        chat = self.served.chat
+        if chat is None:
+            raise RequestError(f"{self.served.name!r} has no chat template (it was not trained on conversations and "
+                               f"its folder has none): use /v1/completions", param="messages")
+        prompt = encoded(chat.encode_messages, read_messages(body))
+        return await self.answer(request, body, read_job(body, self.served, prompt, chat=True), "chat")
+
+    async def completions(self, request):
+        body = await self.request(request)
+        prompt = encoded(self.served.task.encode_prompt, read_prompt(body)) or self.served.tokenizer.start_ids()
+        return await self.answer(request, body, read_job(body, self.served, prompt, chat=False), "text")
+
+    async def answer(self, request, body, job, kind):
+        """Queue the job; its reply whole, or streamed as events."""
+        stream = get(body, "stream", "boolean", False)
+        usage = get(get(body, "stream_options", "object", {}), "include_usage", "boolean", False, "stream_options.")
+        reply, events = Reply(kind, self.served.name, len(job.prompt)), asyncio.Queue()
+        job.emit = lambda event: self.mailbox.post(events, event)
+        try:
+            self.engine.submit(job)
+        except QueueFull as e:
+            raise RequestError(f"the server is busy ({e}); try again shortly", 429, code="rate_limit_exceeded",
+                               kind="requests") from None
+        if stream:
+            return EventStream(self.events(job, events, reply, usage))
+        text, reason = [], []
+
+        async def collect():
+            while (event := await events.get())[0] == "text":
+                text.append(event[1])
+            reason.append(event[1])
+
+        if not await until_disconnected(request.receive, collect):
+            self.engine.cancel(job)
+            return JSONResponse({})  # nobody is there to read it
+        if reason[0] == "error":
+            return JSONResponse(error_body("the server failed while decoding (see its log)", "server_error"), 500)
+        return JSONResponse(reply.whole("".join(text), reason[0], job))
+
+    async def events(self, job, events, reply, usage):
+        """The reply as server-sent events; the job leaves the batch if the client goes away."""
+        ended = False
+        try:
+            if reply.kind == "chat":
+                yield reply.chunk([reply.choice("", None, {"role": "assistant", "content": ""})])
+            while not ended:
+                kind, value = await events.get()
+                text = value if kind == "text" else ""
+                while kind == "text" and not events.empty():  # the client fell behind: what came goes as one chunk
+                    kind, value = events.get_nowait()
+                    text += value if kind == "text" else ""
+                ended = kind == "end"
+                if ended and value == "error":
+                    yield f"data: {json.dumps(error_body('the server failed while decoding', 'server_error'))}\n\n"
+                    return
+                if text:
+                    yield reply.chunk([reply.choice(text, None, {"content": text})])
+                if ended:
+                    yield reply.chunk([reply.choice("", value, {})])
+            if usage:
+                yield reply.chunk([], reply.usage(job))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not ended:
+                self.engine.cancel(job)
+
+    async def models(self, request):
+        self.check_key(request)
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request):
+        self.check_key(request)
+        if request.path_params["name"] != self.served.name:
+            raise RequestError(f"the model {request.path_params['name']!r} does not exist; this server serves "
+                               f"{self.served.name!r}", 404, code="model_not_found")
+        return JSONResponse(self.model_card())
+
+    def model_card(self):
+        return {"id": self.served.name, "object": "model", "created": self.served.created, "owned_by": "smallgpt"}
+
+    async def page(self, request):
+        config = json.dumps({"model": self.served.name, "chat": self.served.chat is not None,
+                             "key": bool(self.api_key)}).replace("<", "\\u003c")
+        html = resources.files("model.serve").joinpath("page.html").read_text(encoding="utf-8")
+        return HTMLResponse(html.replace("{{CONFIG}}", config))
+
+
+async def request_error(request, e):
+    headers = {"Retry-After": "1"} if e.status == 429 else None
+    return JSONResponse(error_body(str(e), e.kind, e.param, e.code), e.status, headers=headers)
+
+
+async def http_error(request, e):
+    """Starlette's own 404 and 405 in the API's error shape."""
+    return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", "invalid_request_error"),
+                        e.status_code)
+
+
+def create_app(served, engine, api_key="", max_body=1_000_000):
+    """The ASGI app, handing requests to `engine` (which its caller runs)."""
+    api = Api(served, engine, api_key, max_body)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        api.mailbox = Mailbox(asyncio.get_running_loop())
+        yield
+
+    routes = [Route("/", api.page), Route("/v1/models", api.models), Route("/v1/models/{name:path}", api.model),
+              Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+              Route("/v1/completions", api.completions, methods=["POST"])]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={RequestError: request_error, HTTPException: http_error})

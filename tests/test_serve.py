@@ -1,0 +1,410 @@
+"""Serving: the OpenAI API held to the official `openai` client, continuous batching held to
+each request decoded alone, every bad request a 4xx, and the chat page in Chromium."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from conftest import ROOT
+from test_browser import needs_browser, open_browser, sync_playwright
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from model.checkpoint import open_model  # noqa: E402
+from model.config import ServeConfig, load_config  # noqa: E402
+from model.serve.engine import Engine, Job, StopText  # noqa: E402
+from model.serve.server import listen, make_app  # noqa: E402
+
+NUMBERS = ["1010", "305", "7", "99", "2024", "18", "460", "5003", "71", "888", "12", "3000", "640", "9", "101", "55"]
+
+
+@dataclass
+class Running:
+    url: str
+    engine: Engine
+    name: str
+
+    def client(self, **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+@contextlib.contextmanager
+def serving(out_dir, *flags):
+    """The server as `python -m model.serve --out_dir=out_dir *flags` makes it, on a free port, in a thread."""
+    app, engine, name = make_app(load_config(ServeConfig, [f"--out_dir={out_dir}", "--device=cpu", *flags]), quiet=True)
+    engine.start()
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield Running(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, name)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.stop()
+        engine.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def numerals(trained_numerals):
+    """A model trained on prompt/completion pairs (305 -> 三百零五), served."""
+    with serving(trained_numerals[0]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def sorter(trained_sort):
+    with serving(trained_sort[0] / "out" / "sort") as running:
+        yield running
+
+
+def alone(out_dir, number):
+    """The greedy reply sample.py's code gives, one request at a time."""
+    opened = open_model(out_dir, quiet=True)
+    task = opened.task
+    ids = task.encode_messages([{"role": "user", "content": number}])
+    out = task.generate(opened.model, torch.tensor([ids]), task.block_size + 1 - len(ids))
+    return task.reply_text(out[0, len(ids):].tolist())
+
+
+def post(url, body, headers=None, raw=None):
+    """(status, JSON answer) of a POST, errors included."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def chat(running, content, **kw):
+    return running.client().chat.completions.create(
+        model=running.name, messages=[{"role": "user", "content": content}], **kw)
+
+
+def streamed_chat(running, content, **kw):
+    """(the text of the joined chunks, the finish reason, usage) of a streamed chat completion."""
+    text, reason, usage = "", None, None
+    for chunk in chat(running, content, stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            reason = choice.finish_reason or reason
+    return text, reason, usage
+
+
+# ---- the API, through the official client ------------------------------------------------------------------
+
+def test_chat_completion_is_the_greedy_reply_with_its_usage(numerals, trained_numerals):
+    """Catches: the template not applied, the end of turn not stopping the reply, wrong token counts."""
+    answer = chat(numerals, "1010", temperature=0)
+    assert answer.choices[0].message.content == alone(trained_numerals[0], "1010") == "一千零一十"
+    assert answer.choices[0].finish_reason == "stop" and answer.object == "chat.completion"
+    # <|user|> 1 0 1 0 <|end|> <|assistant|>, then 一 千 零 一 十 <|end|>
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens, answer.usage.total_tokens) == (7, 6, 13)
+    assert [m.id for m in numerals.client().models.list()] == [numerals.name]
+
+
+def test_streamed_chunks_join_to_the_whole_reply(numerals):
+    """Catches: lost or repeated pieces in the stream, a missing finish chunk or usage chunk."""
+    for number in NUMBERS[:4]:
+        whole = chat(numerals, number, temperature=0)
+        text, reason, usage = streamed_chat(numerals, number, temperature=0)
+        assert (text, reason) == (whole.choices[0].message.content, "stop")
+        assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_stream_and_stop_at_length(numerals):
+    """Catches: max_tokens not honoured, finish_reason 'length' missing, completion chunks unlike the whole."""
+    client = numerals.client()
+    whole = client.completions.create(model=numerals.name, prompt="3", max_tokens=3, temperature=0)
+    parts = list(client.completions.create(model=numerals.name, prompt="3", max_tokens=3, temperature=0, stream=True))
+    assert whole.usage.completion_tokens <= 3 and whole.object == "text_completion"
+    assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+    assert parts[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    if whole.usage.completion_tokens == 3:
+        assert whole.choices[0].finish_reason == "length"
+
+
+def test_a_seed_repeats_exactly_and_another_seed_differs(numerals):
+    """Catches: the seed ignored (or the global generator used), so a sampled reply does not repeat."""
+    sampled = [chat(numerals, "2024", temperature=2.0, seed=seed).choices[0].message.content for seed in (1, 1, 2, 3, 4)]
+    assert sampled[0] == sampled[1]
+    assert len(set(sampled)) > 1, "at temperature 2 different seeds give different replies"
+    assert chat(numerals, "2024", temperature=0).choices[0].message.content == \
+        chat(numerals, "2024", temperature=0, seed=9).choices[0].message.content
+
+
+def test_stop_strings_cut_the_reply_also_when_streamed(numerals):
+    """Catches: the stop string left in the reply, or streamed before the tokens after it show it is one
+    (零一 spans two tokens: 零 must be held back until 一 comes)."""
+    assert chat(numerals, "1010", temperature=0, stop=["零一"]).choices[0].message.content == "一千"
+    assert chat(numerals, "1010", temperature=0, stop=["零一"]).choices[0].finish_reason == "stop"
+    assert streamed_chat(numerals, "1010", temperature=0, stop=["零一"])[:2] == ("一千", "stop")
+    assert chat(numerals, "1010", temperature=0, stop="零二").choices[0].message.content == "一千零一十"
+
+
+def test_the_sorter_completes_and_refuses_chat(sorter):
+    """Catches: a task's own prompt rules skipped (the sorter reads 6 letters), chat allowed without a template."""
+    client = sorter.client()
+    assert client.completions.create(model=sorter.name, prompt="CBABBC", temperature=0).choices[0].text == "ABBBCC"
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        chat(sorter, "CBABBC")
+    with pytest.raises(openai.BadRequestError, match="6 letters from ABC"):
+        client.completions.create(model=sorter.name, prompt="CBAD")
+
+
+# ---- many clients at once ------------------------------------------------------------------------------------
+
+class Recording:
+    """The model, noting how many rows each forward pass reads."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, []
+
+    def __call__(self, ids, **kw):
+        self.rows.append(ids.size(0))
+        return self.model(ids, **kw)
+
+
+def test_sixteen_clients_at_once_each_get_what_they_get_alone(numerals, trained_numerals):
+    """Catches: rows mixed up in the batch (a wrong position, mask or cache row after one leaves),
+    and requests decoded one after another instead of together."""
+    expected = [alone(trained_numerals[0], n) for n in NUMBERS]
+    recording = Recording(numerals.engine.model)
+    numerals.engine.model = recording
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda n: streamed_chat(numerals, n, temperature=0)[0], NUMBERS))
+    finally:
+        numerals.engine.model = recording.model
+    assert got == expected
+    assert max(recording.rows) >= 8, "the requests were decoded together"
+
+
+@contextlib.contextmanager
+def held(engine):
+    """The engine waits at a gate before each forward pass until the gate is set; -> (gate, jobs submitted)."""
+    gate, jobs, model, submit = threading.Event(), [], engine.model, engine.submit
+    engine.model = lambda *a, **kw: (gate.wait(10), model(*a, **kw))[1]
+    engine.submit = lambda job: (jobs.append(job), submit(job))[1]
+    try:
+        yield gate, jobs
+    finally:
+        gate.set()
+        engine.model, engine.submit = model, submit
+
+
+def wait_for(condition, what):
+    deadline = time.time() + 10
+    while not condition():
+        assert time.time() < deadline, what
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_frees_its_place_and_stalls_no_one(numerals, trained_numerals, stream):
+    """Catches: an abandoned request still decoded to its end (its row kept), or stalling the others."""
+    body = json.dumps({"model": numerals.name, "messages": [{"role": "user", "content": "5003"}], "temperature": 0,
+                       "stream": stream}).encode()
+    with held(numerals.engine) as (gate, jobs):
+        with socket.create_connection(("127.0.0.1", int(numerals.url.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            if stream:
+                received = b""
+                while b"data:" not in received:  # the stream has begun (its first chunk names the role)
+                    received += s.recv(4096)
+            wait_for(lambda: jobs, "the request reached the engine")
+        wait_for(lambda: jobs[0].cancelled, "the server noticed the client went away")
+        gate.set()
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda n: streamed_chat(numerals, n, temperature=0)[0], NUMBERS[:4]))
+    assert got == [alone(trained_numerals[0], n) for n in NUMBERS[:4]]
+    assert alone(trained_numerals[0], "5003") == "五千零三"
+    assert len(jobs[0].tokens) == 1, "the abandoned request left after its first token instead of writing 五千零三"
+    wait_for(lambda: not numerals.engine.rows, "every row is free again")
+
+
+# ---- bad requests ---------------------------------------------------------------------------------------------
+
+def bad_requests(name):
+    ok = {"model": name, "messages": [{"role": "user", "content": "305"}]}
+    return [
+        ("malformed JSON", "chat/completions", None, b'{"model": ', 400, "not valid JSON"),
+        ("not an object", "chat/completions", [1, 2], None, 400, "JSON object"),
+        ("no messages", "chat/completions", {"model": name}, None, 400, "'messages'"),
+        ("no model", "chat/completions", {"messages": ok["messages"]}, None, 400, "'model' is missing"),
+        ("a wrong role", "chat/completions", {**ok, "messages": [{"role": "robot", "content": "x"}]}, None, 400,
+         "role"),
+        ("content not text", "chat/completions", {**ok, "messages": [{"role": "user", "content": 5}]}, None, 400,
+         "content"),
+        ("temperature a string", "chat/completions", {**ok, "temperature": "hot"}, None, 400, "must be a number"),
+        ("temperature too high", "chat/completions", {**ok, "temperature": 7}, None, 400, "between 0 and 2"),
+        ("stream not a boolean", "chat/completions", {**ok, "stream": "yes"}, None, 400, "boolean"),
+        ("unknown model", "chat/completions", {**ok, "model": "gpt-4o"}, None, 404, "does not exist"),
+        ("max_tokens 0", "chat/completions", {**ok, "max_tokens": 0}, None, 400, "at least 1"),
+        ("max_tokens past the context", "chat/completions", {**ok, "max_completion_tokens": 500}, None, 400,
+         "past the context"),
+        ("a prompt longer than the context", "completions", {"model": name, "prompt": "1" * 40}, None, 400,
+         "reads at most"),
+        ("unknown characters", "completions", {"model": name, "prompt": "abc"}, None, 400, "does not know"),
+        ("two choices", "completions", {"model": name, "prompt": "1", "n": 2}, None, 400, "'n' must be 1"),
+        ("five stop strings", "completions", {"model": name, "prompt": "1", "stop": list("abcde")}, None, 400,
+         "at most 4"),
+        ("a body over the limit", "completions", None, b'{"prompt": "' + b"1" * 1_100_000 + b'"}', 413, "at most"),
+    ]
+
+
+def test_every_bad_request_is_a_4xx_in_the_apis_shape_and_the_server_goes_on(numerals):
+    """Catches: a 500 (or a hang) for anything a client can send, an error not in the API's shape."""
+    for what, route, body, raw, status, words in bad_requests(numerals.name):
+        code, answer = post(f"{numerals.url}/v1/{route}", body, raw=raw)
+        assert code == status, what
+        assert words in answer["error"]["message"] and answer["error"]["type"], what
+    assert chat(numerals, "305", temperature=0).choices[0].message.content == "三百零五"
+
+
+def test_the_official_client_sees_the_errors_as_its_own_kinds(numerals):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        numerals.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "1"}])
+    with pytest.raises(openai.BadRequestError, match="past the context"):
+        chat(numerals, "1", max_tokens=10_000)
+
+
+def test_a_full_queue_answers_429(trained_numerals):
+    """Catches: an unbounded queue (requests pile up in memory) or a 500 when it is full."""
+    with serving(trained_numerals[0], "--max_queue=1", "--max_batch=1") as running:
+        with held(running.engine) as (gate, jobs), ThreadPoolExecutor(2) as pool:
+            first = pool.submit(chat, running, "1", temperature=0)  # decoding, held at the gate
+            wait_for(lambda: len(jobs) == 1 and not running.engine.waiting, "the first request is decoding")
+            second = pool.submit(chat, running, "2", temperature=0)  # waiting in the queue's one place
+            wait_for(lambda: len(jobs) == 2, "the second request is queued")
+            code, answer = post(f"{running.url}/v1/completions", {"model": running.name, "prompt": "3"})
+            gate.set()
+            assert [first.result().choices[0].message.content, second.result().choices[0].message.content] == \
+                ["一", "二"]
+    assert code == 429 and answer["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_an_api_key_is_required_when_set(trained_numerals):
+    """Catches: the key not checked on every route, or checked by prefix."""
+    with serving(trained_numerals[0], "--api_key=s3cret") as running:
+        for key in ("none", "s3cre", "s3cret-and-more", "S3CRET"):
+            with pytest.raises(openai.AuthenticationError):
+                running.client(api_key=key).models.list()
+        code, answer = post(f"{running.url}/v1/completions", {"model": running.name, "prompt": "1"})
+        assert code == 401 and answer["error"]["code"] == "invalid_api_key"
+        good = running.client(api_key="s3cret").chat.completions.create(
+            model=running.name, messages=[{"role": "user", "content": "305"}], temperature=0)
+        assert good.choices[0].message.content == "三百零五"
+
+
+# ---- the parts ---------------------------------------------------------------------------------------------------
+
+class Chars:
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def stream_text(stop, text):
+    s, out = StopText(Chars(), stop), []
+    for ch in text:
+        delta, stopped = s.add(ord(ch))
+        out.append(delta)
+        if stopped:
+            return out, True
+    return out + [s.finish()], False
+
+
+def test_stop_text_holds_back_only_what_may_begin_a_stop_string():
+    """Catches: text sent that turns out to be a stop string's start, or text held back forever."""
+    assert stream_text(["END"], "abcENDxyz") == (["a", "b", "c", "", "", ""], True)
+    assert stream_text(["END"], "abEaEN!") == (["a", "b", "", "Ea", "", "", "EN!", ""], False)
+    assert stream_text([], "ab") == (["a", "b", ""], False)
+    assert stream_text(["xy", "b"], "aab") == (["a", "a", ""], True)
+
+
+def test_a_job_stops_at_its_end_token_without_its_text():
+    """Catches: the end-of-turn token's text (<|end|>) written into the reply."""
+    events = []
+    job = Job([1], 10, StopText(Chars()), events.append, stop_id=0)
+    assert not job.add(ord("h")) and job.add(0)
+    assert events == [("text", "h"), ("end", "stop")] and job.tokens == [ord("h"), 0]
+
+
+# ---- the command and the page ---------------------------------------------------------------------------------
+
+def test_the_command_serves_until_ctrl_c_and_names_a_busy_port(trained_sort):
+    out_dir = trained_sort[0] / "out" / "sort"
+    busy = listen("127.0.0.1", 0)
+    busy.listen()
+    port = busy.getsockname()[1]
+    failed = subprocess.run([sys.executable, "-m", "model.serve", f"--out_dir={out_dir}", f"--port={port}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:" in failed.stderr
+    busy.close()
+    proc = subprocess.Popen([sys.executable, "-m", "model.serve", f"--out_dir={out_dir}", "--port=0"],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "the server ended before serving"
+        url = line.split(" at ")[1].split("/ ")[0]
+        assert post(url + "/v1/completions", {"model": "sort", "prompt": "CCBAAB", "temperature": 0})[1][
+            "choices"][0]["text"] == "AABBCC"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+    assert code == 130 and "Traceback" not in proc.stderr.read(), "Ctrl-C stops it cleanly, with the shell's code"
+
+
+@needs_browser
+def test_the_chat_page_streams_replies_in_chromium(numerals):
+    """Catches: a page that asks the network for anything but this server, mis-reads the event stream,
+    forgets the conversation, or leaves console errors."""
+    with sync_playwright() as play:
+        browser = open_browser(play)
+        page, errors, asked = browser.new_page(), [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: asked.append(r.url))
+        page.goto(numerals.url + "/")
+        page.fill("#temperature", "0")
+        for n, (number, reply) in enumerate((("1010", "一千零一十"), ("305", "三百零五")), 1):
+            page.fill("#input", number)
+            page.press("#input", "Enter")
+            page.wait_for_function(f"document.body.dataset.state === 'idle' && "
+                                   f"document.querySelectorAll('.assistant .text').length === {n}")
+            assert page.locator(".assistant .text").last.text_content() == reply
+        assert page.locator(".user .text").all_text_contents() == ["1010", "305"]
+        # the model reads 16 tokens: the second question did not fit after the first exchange, which was left out
+        assert "left out" in page.locator(".notice").text_content()
+        page.click("#new")
+        assert page.locator(".message").count() == 0
+        browser.close()
+    refused = "Failed to load resource: the server responded with a status of 400 (Bad Request)"  # the one too long
+    assert errors == [refused]
+    assert asked and all(url.startswith(numerals.url + "/") for url in asked)
