@@ -398,17 +398,18 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None):
         """idx: (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy over
         targets (B, T) that are not -1 (None without targets). With a kv_cache, idx holds only
-        the tokens after the cached ones and they take the positions after them."""
+        the tokens after the cached ones and they take the positions after them (a ragged cache:
+        each row's own, so pos is (B, T) and each row's position embedding its own (B, T, C))."""
         past = kv_cache.length if kv_cache is not None else 0
         self._check_input(idx, past)
         B, T = idx.size()
         if kv_cache is None:
             pos, mask = torch.arange(T, dtype=torch.long, device=idx.device), None
         else:
-            pos, mask = kv_cache.start(T, idx.device)  # a ragged cache: each row at its own positions
+            pos, mask = kv_cache.start(T, idx.device)
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(pos)  # (T, C) broadcast over the batch, or (B, T, C)
+            x = x + self.transformer.wpe(pos)  # (T, C), broadcast over the batch
         rope = self.rotary(pos) if self.rotary is not None else None  # computed once, used by every layer
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
