@@ -170,12 +170,12 @@ class KVCache:
     block_size or what a generation needs (a Qwen's block_size is 32768); with grouped-query
     attention it holds only the shared heads. Every row has the same length: the tokens of a step
     take the positions after the cached ones, and the usual causal mask applies."""
+    length = 0  # tokens stored so far (the position of the next token)
 
     def __init__(self, config, batch_size, device, dtype, length=None):
         shape = (batch_size, config.n_kv_head, length or config.block_size, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = 0  # tokens stored so far (the position of the next token)
 
     def start(self, T, device):
         """A step of T new tokens begins -> (their positions (T,), None: the usual causal mask)."""
@@ -190,6 +190,37 @@ class KVCache:
 
     def advance(self, T):
         self.length += T
+
+
+class StaticKVCache(KVCache):
+    """A KV cache whose every step has the same shapes, for torch.compile and CUDA graphs: the
+    next position is a tensor on the device (no Python number changes between steps, so nothing
+    recompiles and the host never waits), and each step reads all `length` slots, the ones not
+    written yet masked out. Every row is at the same position, as in generate()."""
+
+    def __init__(self, config, batch_size, device, dtype, length=None):
+        super().__init__(config, batch_size, device, dtype, length)
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        for t in (*self.keys, *self.values, self.pos):  # updated in place: a CUDA graph may keep their addresses
+            torch._dynamo.mark_static_address(t)
+
+    @property
+    def length(self):
+        return int(self.pos)  # the host reads it only for forward's checks, which compiled code skips
+
+    def start(self, T, device):
+        """-> (positions (T,), mask (T, slots)): query t sees the slots up to its own position."""
+        pos = self.pos + torch.arange(T, device=device)
+        return pos, torch.arange(self.keys[0].size(2), device=device) <= pos[:, None]
+
+    def append(self, layer, k, v):
+        where = self.pos + torch.arange(k.size(2), device=k.device)
+        self.keys[layer].index_copy_(2, where, k)
+        self.values[layer].index_copy_(2, where, v)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, T):
+        self.pos += T
 
 
 class RaggedKVCache(KVCache):
@@ -400,8 +431,7 @@ class GPT(nn.Module):
         targets (B, T) that are not -1 (None without targets). With a kv_cache, idx holds only
         the tokens after the cached ones and they take the positions after them (a ragged cache:
         each row's own, so pos is (B, T) and each row's position embedding its own (B, T, C))."""
-        past = kv_cache.length if kv_cache is not None else 0
-        self._check_input(idx, past)
+        self._check_input(idx, kv_cache)
         B, T = idx.size()
         if kv_cache is None:
             pos, mask = torch.arange(T, dtype=torch.long, device=idx.device), None
@@ -439,9 +469,10 @@ class GPT(nn.Module):
     def loss_sum(self, x, targets):
         return F.cross_entropy(self.lm_head(x), targets, ignore_index=-1, reduction="sum")
 
-    def _check_input(self, idx, past):
+    def _check_input(self, idx, kv_cache):
         if torch.compiler.is_compiling():
             return
+        past = kv_cache.length if kv_cache is not None else 0
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (B, T), got {tuple(idx.shape)}")
         T = idx.size(1)
@@ -456,11 +487,13 @@ class GPT(nn.Module):
             raise ValueError(
                 f"token ids {bad[:10]} are outside the vocabulary [0, {self.config.vocab_size})")
 
-    def new_kv_cache(self, batch_size, length=None, ragged=False):
-        """A cache for batch_size sequences of up to `length` tokens (default block_size); ragged:
-        rows of different lengths (RaggedKVCache)."""
+    def new_kv_cache(self, batch_size, length=None, kind="plain"):
+        """A cache for batch_size sequences of up to `length` tokens (default block_size); kind
+        'ragged': rows of different lengths (RaggedKVCache); 'static': the same shapes every step,
+        for compiled decoding (StaticKVCache)."""
         p = self.lm_head.weight
-        return (RaggedKVCache if ragged else KVCache)(self.config, batch_size, p.device, p.dtype, length)
+        cls = {"plain": KVCache, "ragged": RaggedKVCache, "static": StaticKVCache}[kind]
+        return cls(self.config, batch_size, p.device, p.dtype, length)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices and embeddings (2+ dims) only, never on biases

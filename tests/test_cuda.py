@@ -112,6 +112,18 @@ def test_kv_cache_on_cuda_gives_the_cpu_tokens():
         assert torch.equal(gpu.cpu(), cpu), f"CUDA tokens (use_cache={use_cache}) differ from the CPU's"
 
 
+def test_compiled_decoding_as_a_cuda_graph_gives_the_eager_tokens():
+    """The static-cache step compiled in 'reduce-overhead' mode (CUDA graphs): the cache updated in
+    place must stay the graph's memory, step after step and after the window starts again."""
+    model = random_model(dtype=torch.float32, **MODEL).cuda()
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]], device="cuda")
+    torch._dynamo.reset()
+    with full_float32(), torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = generate(model, idx, 60, temperature=0.0, compiled=True)
+    with full_float32():
+        assert torch.equal(compiled, generate(model, idx, 60, temperature=0.0))
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpus_with_nccl_match_one(tmp_path):
     from test_distributed import TINY, losses, torchrun

@@ -70,13 +70,15 @@ def test_kv_cache_gives_the_same_tokens(prompt_len, attention, arch):
 @ARCHS
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 @pytest.mark.parametrize("chunks", [(5, 1, 1, 1), (2, 3, 3), (1, 4, 2, 1)])
-def test_cached_logits_equal_full_recompute(attention, chunks, arch):
+@pytest.mark.parametrize("kind", ["plain", "static"])
+def test_cached_logits_equal_full_recompute(attention, chunks, arch, kind):
     """Feeding the tokens in chunks through the cache, several new tokens at a time on a
-    non-empty cache included, gives the logits of one full pass."""
+    non-empty cache included, gives the logits of one full pass; the static cache (every step
+    reads all its slots, the unwritten ones masked) too."""
     model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8, attention=attention, **arch)
     idx = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(0))
     full, _ = model(idx)
-    cache, parts, t = model.new_kv_cache(2), [], 0
+    cache, parts, t = model.new_kv_cache(2, kind=kind), [], 0
     for n in chunks:
         parts.append(model(idx[:, t:t + n], kv_cache=cache)[0])
         t += n
@@ -93,7 +95,7 @@ def test_ragged_rows_each_get_the_logits_they_get_alone(attention, arch):
     model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=12, attention=attention, **arch)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(11, (1, n), generator=g) for n in (5, 2, 7)]
-    cache = model.new_kv_cache(3, ragged=True)
+    cache = model.new_kv_cache(3, kind="ragged")
     for row, seq in enumerate(seqs):
         cache.use(row, row + 1)
         model(seq, kv_cache=cache)
@@ -110,6 +112,19 @@ def test_ragged_rows_each_get_the_logits_they_get_alone(attention, arch):
     for row, (seq, token) in enumerate(((seqs[2], 3), (seqs[1], 4))):
         torch.testing.assert_close(logits[row], model(torch.cat([seq, torch.tensor([[token]])], 1))[0][0, -1],
                                    rtol=0, atol=1e-12)
+
+
+def test_compiled_decoding_gives_the_eager_tokens_and_compiles_once():
+    """generate(compiled=True): the one-token step compiled over a static cache. Catches a step whose
+    shapes or strides change from token to token (a recompile each step: error_on_recompile) and
+    any difference in the tokens, past block_size too (the window starts again)."""
+    model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8, dtype=torch.float32,
+                         **dict(LLAMA_ARCH, n_kv_head=1))
+    prompt = torch.randint(11, (1, 5), generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()  # other tests compiled this forward with other guards
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = generate(model, prompt, 20, temperature=0.0, compiled=True)
+    assert torch.equal(compiled, generate(model, prompt, 20, temperature=0.0))
 
 
 # ---- sample.py ----------------------------------------------------------------------------

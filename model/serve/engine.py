@@ -104,7 +104,7 @@ class Engine:
     def __init__(self, model, max_batch=16, max_queue=64, vocab_limit=None):
         self.model, self.max_batch, self.max_queue, self.vocab_limit = model, max_batch, max_queue, vocab_limit
         self.device = model.lm_head.weight.device
-        self.cache = model.new_kv_cache(max_batch, ragged=True)
+        self.cache = model.new_kv_cache(max_batch, kind="ragged")
         self.rows = []  # the running jobs: job i's keys and values are the cache's row i
         self.waiting = deque()
         self.generators = {}  # job -> its own random numbers (seeded jobs), so a seed repeats whatever else runs
