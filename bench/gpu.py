@@ -11,7 +11,7 @@
   static cache), the tokens checked equal; tokens/s, and against the memory limit (every step
   reads every weight once: batch x HBM bandwidth / weight bytes).
 
-    python bench/gpu.py --nanogpt=path/to/nanoGPT     # on an H100/H200: about 8 minutes
+    python bench/gpu.py --nanogpt=path/to/nanoGPT     # on an H100/H200 (sized for 10 minutes; not yet run)
     python bench/gpu.py --dry_run                     # on the CPU at a tiny size: every path runs once
 
 nanoGPT is not shipped here: give a checkout (its train.py, model.py and configurator.py are
