@@ -277,3 +277,22 @@ def test_lora_on_a_qwen2_folder_loads_in_peft_with_equal_logits(folders, tmp_pat
         expected = ours(x)[0]
         assert (merge_adapters(model_from_checkpoint(load_checkpoint(folders["qwen2"])))(x)[0] - expected).abs().max() > 1e-4
         torch.testing.assert_close(theirs(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_served_folder_answers_as_transformers_generates(chatml):
+    """python -m model.serve on a Qwen2 folder: its ChatML template and <|im_end|> through the OpenAI
+    API give transformers' greedy reply. Catches a folder's template or end of turn lost in serving."""
+    from test_serve import serving
+    from model.tasks import chat_task
+    opened = open_model(ckpt=chatml, quiet=True)
+    task = chat_task(opened.ckpt, opened.task)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(chatml).eval()
+    ids = task.template.encode(opened.tokenizer, TALK[:1], generation_prompt=True)[0]
+    room = opened.model.config.block_size + 1 - len(ids)  # what may follow the prompt in the context
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=room, do_sample=False, eos_token_id=task.end,
+                         pad_token_id=task.end)[0, len(ids):].tolist()
+    with serving(chatml) as running:
+        answer = running.client().chat.completions.create(model="qwen", messages=TALK[:1], max_tokens=room, temperature=0)
+    assert answer.choices[0].message.content == task.reply_text(theirs)
+    assert answer.choices[0].finish_reason == ("stop" if task.end in theirs else "length")
+    assert answer.usage.prompt_tokens == len(ids)
