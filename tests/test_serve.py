@@ -271,6 +271,8 @@ def bad_requests(name):
          "reads at most"),
         ("unknown characters", "completions", {"model": name, "prompt": "abc"}, None, 400, "does not know"),
         ("two choices", "completions", {"model": name, "prompt": "1", "n": 2}, None, 400, "'n' must be 1"),
+        ("a penalty we do not apply", "completions", {"model": name, "prompt": "1", "frequency_penalty": 0.5}, None,
+         400, "not supported"),
         ("five stop strings", "completions", {"model": name, "prompt": "1", "stop": list("abcde")}, None, 400,
          "at most 4"),
         ("a body over the limit", "completions", None, b'{"prompt": "' + b"1" * 1_100_000 + b'"}', 413, "at most"),
@@ -408,3 +410,20 @@ def test_the_chat_page_streams_replies_in_chromium(numerals):
     refused = "Failed to load resource: the server responded with a status of 400 (Bad Request)"  # the one too long
     assert errors == [refused]
     assert asked and all(url.startswith(numerals.url + "/") for url in asked)
+
+
+@needs_browser
+def test_the_page_continues_text_for_a_model_without_a_chat_template(sorter):
+    """Catches: the page sending a chat to a model that has no template (a 400) instead of a completion."""
+    with sync_playwright() as play:
+        browser = open_browser(play)
+        page = browser.new_page()
+        page.goto(sorter.url + "/")
+        assert "completion" in page.locator("#mode").text_content()
+        page.fill("#temperature", "0")
+        page.fill("#input", "CBABBC")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.body.dataset.state === 'idle' && "
+                               "document.querySelectorAll('.assistant .text').length === 1")
+        assert page.locator(".assistant .text").text_content() == "ABBBCC"
+        browser.close()

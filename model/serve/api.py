@@ -31,7 +31,9 @@ from model.serve.engine import Job, QueueFull, StopText
 from model.tasks import chat_task
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: o1's system
-UNSUPPORTED = ("logprobs", "echo", "tools", "functions", "suffix")  # refused when set, never silently ignored
+# refused when set (0, false and null pass), never silently ignored
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "tools", "functions", "suffix", "presence_penalty",
+               "frequency_penalty", "logit_bias")
 DEFAULT_COMPLETION_TOKENS = 16  # the API's default max_tokens for /v1/completions (chat: the rest of the context)
 
 
