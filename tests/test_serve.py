@@ -254,6 +254,8 @@ def bad_requests(name):
     return [
         ("malformed JSON", "chat/completions", None, b'{"model": ', 400, "not valid JSON"),
         ("not an object", "chat/completions", [1, 2], None, 400, "JSON object"),
+        ("nested too deeply", "chat/completions", None, b"[" * 100_000, 400, "nested too deeply"),
+        ("a seed past 64 bits", "chat/completions", {**ok, "seed": 2 ** 64}, None, 400, "64-bit"),
         ("no messages", "chat/completions", {"model": name}, None, 400, "'messages'"),
         ("no model", "chat/completions", {"messages": ok["messages"]}, None, 400, "'model' is missing"),
         ("a wrong role", "chat/completions", {**ok, "messages": [{"role": "robot", "content": "x"}]}, None, 400,

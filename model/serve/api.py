@@ -107,6 +107,8 @@ async def read_body(request, limit):
         data = json.loads(body)
     except ValueError as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("the request body's JSON is nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
     return data
@@ -175,9 +177,12 @@ def read_job(body, served, prompt, chat):
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
         raise RequestError("'stop' must be a string or an array of at most 4 strings", param="stop")
+    seed = get(body, "seed", "integer")
+    if seed is not None and not -2 ** 63 <= seed < 2 ** 64:
+        raise RequestError(f"'seed' must be a 64-bit integer, got {seed}", param="seed")
     turns = served.chat  # a model trained to answer stops at its end of turn, on both routes
     return Job(prompt, max_tokens, StopText(served.tokenizer, stop), emit=None,
-               temperature=0.0 if top_p == 0 else temperature, top_p=top_p, seed=get(body, "seed", "integer"),
+               temperature=0.0 if top_p == 0 else temperature, top_p=top_p, seed=seed,
                stop_id=turns.end if turns else None,
                banned=turns.banned if turns else served.tokenizer.never_sampled())
 
