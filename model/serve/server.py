@@ -33,6 +33,9 @@ def make_app(cfg, quiet=False):
     served = Served.of(opened, cfg.model_name)
     engine = Engine(opened.model, cfg.max_batch, cfg.max_queue, opened.tokenizer.vocab_size)
     api_key = cfg.api_key or os.environ.get("SMALLGPT_API_KEY", "")
+    if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"notice: serving {cfg.host} without --api_key: anyone who reaches this port can use the model",
+              file=sys.stderr)
     return create_app(served, engine, api_key, cfg.max_body), engine, served.name
 
 
