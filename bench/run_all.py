@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["train_speed.py", "loop_overhead.py", "sample_speed.py", "sort_time.py", "serve.py"]
+SCRIPTS = ["train_speed.py", "loop_overhead.py", "sample_speed.py", "sort_time.py", "thread_forward.py", "serve.py"]
 
 
 def main():

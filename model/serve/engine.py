@@ -97,8 +97,8 @@ class Job:
 
 class Engine:
     """Decodes the jobs submitted to it, up to max_batch at a time: run() until stop(), in the
-    main thread (the command does: a forward pass called from another thread took 1.15-1.35x as
-    long on this project's 2-core machine) or start() in a thread of its own. vocab_limit: ids from there on (a
+    main thread (the command does: a step called from another thread took 1.1-1.3x as long on
+    this project's 2-core machine, bench/thread_forward.py) or start() in a thread of its own. vocab_limit: ids from there on (a
     vocabulary padded past its tokenizer's) are never chosen."""
 
     def __init__(self, model, max_batch=16, max_queue=64, vocab_limit=None):
