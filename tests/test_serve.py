@@ -429,3 +429,12 @@ def test_the_page_continues_text_for_a_model_without_a_chat_template(sorter):
                                "document.querySelectorAll('.assistant .text').length === 1")
         assert page.locator(".assistant .text").text_content() == "ABBBCC"
         browser.close()
+
+
+def test_sampling_and_serving_never_import_the_training_loop():
+    """Catches an import that drags the training loop (and what only it needs) into the commands that only
+    use a model."""
+    code = ("import sys, sample, model.serve.server; "
+            "print(sorted(m for m in sys.modules if m in ('model.trainer', 'model.start', 'model.memory')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
