@@ -457,19 +457,15 @@ class ChatTask:
         self.refuse_unknown(messages)
         return self.template.encode(self.tokenizer, messages, generation_prompt=True)[0]
 
-    def unknown_characters(self, messages):
-        return "".join(dict.fromkeys(c for m in messages for c in self.tokenizer.unknown(m["content"])))
-
-    def refuse_unknown(self, messages):
-        missing = self.unknown_characters(messages)
+    def refuse_unknown(self, messages, hint="rephrase without them"):
+        missing = "".join(dict.fromkeys(c for m in messages for c in self.tokenizer.unknown(m["content"])))
         if missing:
-            raise UserError(f"the model does not know the characters {missing!r}; rephrase without them")
+            raise UserError(f"the model does not know the characters {missing!r}; {hint}")
 
     def check_spelling(self, messages, drop_unknown):
-        missing = self.unknown_characters(messages)
-        if missing and not drop_unknown:
-            raise UserError(f"the model does not know the characters {missing!r}; "
-                            f"rephrase, or pass --drop_unknown=True to leave them out")
+        """sample.py: characters the model lacks stop it, unless --drop_unknown leaves them out."""
+        if not drop_unknown:
+            self.refuse_unknown(messages, "rephrase, or pass --drop_unknown=True to leave them out")
 
 
 def converse(task, cfg, model, device):
