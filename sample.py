@@ -10,8 +10,10 @@ from pathlib import Path
 
 from model.checkpoint import open_model
 from model.config import SampleConfig, load_config, run_command
+from model.engine import Engine
 from model.errors import UserError
-from model.tasks import chat_task
+from model.tasks import ChatTask, SortTask, chat_task
+from model.terminal import answer, continue_text, converse, score_sort, show_sort
 
 
 def read_prompt(start):
@@ -25,8 +27,8 @@ def read_prompt(start):
 
 def sample(argv):
     cfg = load_config(SampleConfig, argv)
-    opened = open_model(cfg.out_dir, cfg.ckpt, cfg.device, cfg.meta)
-    task = opened.task
+    opened = open_model(cfg, cfg.device)
+    task, prompt = opened.task, read_prompt(cfg.start)
     if cfg.chat or cfg.system:
         task = chat_task(opened.ckpt, opened.task)
         if task is None:
@@ -40,11 +42,18 @@ def sample(argv):
     elif vocab.vocab_size < ids:
         print(f"notice: the vocabulary has {vocab.vocab_size} tokens, the model {ids} ids; ids past the "
               f"vocabulary are never sampled", file=sys.stderr)
-    return task.sample(cfg, read_prompt(cfg.start), opened.model, opened.device) or 0  # --chat: 130 after Ctrl-C
+    engine = Engine(opened.model, max_batch=cfg.num_samples, use_cache=cfg.kv_cache)
+    if isinstance(task, SortTask):
+        return score_sort(opened.model, task) if cfg.eval else show_sort(engine, task, prompt, cfg.num_samples, cfg.seed)
+    if isinstance(task, ChatTask) and cfg.chat:
+        return converse(engine, task, cfg.rules(task), cfg.system, cfg.drop_unknown)  # 130 after Ctrl-C
+    if isinstance(task, ChatTask):
+        return answer(engine, task, prompt, cfg.rules(task), cfg.num_samples, cfg.system, cfg.drop_unknown)
+    return continue_text(engine, task, prompt, cfg.rules(task), cfg.num_samples, cfg.drop_unknown)
 
 
 def main(argv):
-    return run_command(sample, argv)
+    return run_command(lambda args: sample(args) or 0, argv)
 
 
 if __name__ == "__main__":

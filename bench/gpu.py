@@ -35,7 +35,7 @@ from common import ROOT, write_results
 sys.path.insert(0, str(ROOT))
 from model import GPT, GPTConfig  # noqa: E402
 from model.runtime import autocast_context  # noqa: E402
-from model.sampling import generate  # noqa: E402
+from model.engine import generate  # noqa: E402
 from model.trainer import train_step  # noqa: E402
 
 SIZES = {  # the training shape; decoding uses it with GPT-2's own vocabulary, biases and GELU

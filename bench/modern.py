@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from model import GPT, GPTConfig  # noqa: E402
 from model.checkpoint import open_model  # noqa: E402
 from model.runtime import peak_memory_mb  # noqa: E402
-from model.sampling import generate  # noqa: E402
+from model.engine import generate  # noqa: E402
 from model.trainer import train_step  # noqa: E402
 
 QWEN = dict(n_layer=24, n_embd=896, n_head=14, n_kv_head=2, intermediate_size=4864, vocab_size=151936,

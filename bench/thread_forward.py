@@ -16,6 +16,7 @@ from common import ROOT, write_results
 
 sys.path.insert(0, str(ROOT))
 from model import GPT, GPTConfig  # noqa: E402
+from model.engine import new_cache  # noqa: E402
 from model.runtime import decode_layout  # noqa: E402
 
 ROUNDS, STEPS = 3, 40
@@ -24,7 +25,7 @@ ROUNDS, STEPS = 3, 40
 def step_ms(model, batch):
     """ms per decoding step for `batch` rows of about 100 cached tokens each."""
     with torch.inference_mode():
-        cache = model.new_kv_cache(batch, kind="ragged")
+        cache = new_cache(model, batch, kind="ragged")
         for row in range(batch):
             cache.use(row, row + 1)
             model(torch.randint(65, (1, 100 + row)), kv_cache=cache)

@@ -24,7 +24,7 @@ from common import ROOT, write_results
 sys.path.insert(0, str(ROOT))
 from model import GPT, GPTConfig  # noqa: E402
 from model.runtime import decode_layout  # noqa: E402
-from model.sampling import generate  # noqa: E402
+from model.engine import generate  # noqa: E402
 from model.trainer import train_step  # noqa: E402
 
 NEW_TOKENS, BATCH, T = 200, 4, 256

@@ -1,16 +1,21 @@
-"""Checkpoints: nanoGPT's format (model, model_args, optimizer, iter_num, best_val_loss, config)
-plus our tokenizer and task data, written atomically and read without running pickled code,
-and open_model(), the one way every command opens a model to use it.
+"""Checkpoints: one schema (Checkpoint) that every writer and reader goes through, written
+atomically and read without running pickled code, and open_model(), the one way every command
+opens a model to use it.
 
-model_args holds exactly the fields nanoGPT's GPTConfig takes, so nanoGPT's sample.py loads our
-checkpoints; the architecture choices nanoGPT lacks go in model_extra, which nanoGPT ignores.
+On disk a checkpoint is nanoGPT's dict (model, model_args, optimizer, iter_num, best_val_loss,
+config), so nanoGPT's sample.py loads ours: model_args holds exactly the fields nanoGPT's
+GPTConfig takes, and our other architecture choices go in model_extra, which nanoGPT ignores.
+Beside them: tokenizer, task, lora (an adapter checkpoint's settings and base) and chat (a
+Hugging Face folder's chat template).
 """
 
+import hashlib
 import os
 import pickle
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -28,82 +33,48 @@ LATEST = Path("out") / "latest.txt"  # records the checkpoint train.py wrote las
 TRAIN_HINT = "train one first, e.g. python train.py configs/sort.py"
 
 
-def write_atomically(path, write):
-    """write(f) into a temporary file beside `path`, then rename it over `path`: a run killed or a
-    disk filling up while writing leaves the previous file whole, and no partial file behind to
-    fill the disk further. A write the system refuses (no space left, no permission) raises
-    UserError naming the path; Ctrl-C and real bugs pass through as they are."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        cause = os_error(e)
-        if cause is None:
-            raise
-        raise UserError(f"cannot write {path}: {cause.strerror or cause}") from None
+# ---- the schema ---------------------------------------------------------------------------
 
+@dataclass
+class Checkpoint:
+    """A model and what it needs to be used, trained on or resumed."""
+    model: dict  # the state_dict in our layout (an adapter checkpoint: only what trained)
+    model_config: GPTConfig  # on disk: model_args (nanoGPT's fields) and model_extra (ours)
+    tokenizer: Optional[dict] = None  # its plain data (tokenizer_from_dict); None: a nanoGPT checkpoint
+    task: Optional[dict] = None  # the task's state (None: a nanoGPT checkpoint, which has none)
+    iter_num: int = 0
+    best_val_loss: float = float("inf")
+    optimizer: Optional[dict] = None  # AdamW's state (None: converted or downloaded, not resumable)
+    config: dict = field(default_factory=dict)  # the run's settings, or where the model came from
+    lora: Optional[LoRAConfig] = None  # an adapter checkpoint's LoRA settings and base
+    chat: Optional[dict] = None  # a Hugging Face folder's chat template (ChatTemplate's plain data)
 
-def os_error(e):
-    """The OSError behind an exception, if any: torch.save reports a failed write as a RuntimeError
-    ("unexpected pos ...") raised while handling the OSError ("No space left on device")."""
-    while e is not None and not isinstance(e, OSError):
-        e = e.__cause__ or e.__context__
-    return e
+    def to_dict(self):
+        values = asdict(self.model_config)
+        out = {"model": self.model, "model_args": {k: values[k] for k in NANOGPT_FIELDS},
+               "model_extra": {k: values[k] for k in STORED_FIELDS if k not in NANOGPT_FIELDS},
+               "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "config": self.config}
+        optional = {"optimizer": self.optimizer, "tokenizer": self.tokenizer, "task": self.task,
+                    "lora": self.lora.to_dict() if self.lora else None, "chat": self.chat}
+        return {**out, **{k: v for k, v in optional.items() if v is not None}}
 
-
-def save_checkpoint(ckpt, path):
-    write_atomically(path, lambda f: torch.save(ckpt, f))
-
-
-def record_latest(path):
-    LATEST.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(LATEST, lambda f: f.write((str(Path(path).resolve()) + "\n").encode("utf-8")))
-
-
-def find_checkpoint(out_dir="", ckpt=""):
-    """The checkpoint named by `ckpt` or `out_dir`: a file, a folder's ckpt.pt, or a Hugging Face
-    GPT-2 folder; neither given, the one train.py wrote last. A missing one raises UserError
-    saying how to make one."""
-    if ckpt or out_dir:
-        path = Path(ckpt or out_dir)
-        if path.is_dir() and not (path / "ckpt.pt").is_file() and is_hf_folder(path):
-            return path
-        path = path / "ckpt.pt" if path.is_dir() or (not ckpt and not path.suffix) else path
-    elif LATEST.is_file():
-        path = Path(LATEST.read_text(encoding="utf-8").strip())
-    else:
-        raise UserError(f"no checkpoint found (no --out_dir or --ckpt given, and no {LATEST}); {TRAIN_HINT}")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found; {TRAIN_HINT}, or name another with --out_dir")
-    return path
-
-
-def load_checkpoint(path):
-    """torch.load with weights_only=True (no pickled code runs), and a clear error for a file
-    that is truncated, corrupted or not a checkpoint at all. Everything is loaded onto the CPU:
-    model_from_checkpoint moves the weights where they run, and the rest (optimizer state,
-    the sort split) stays off the GPU."""
-    path = Path(path)
-    if is_hf_folder(path):
-        return read_folder(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} not found; {TRAIN_HINT}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a bad file; all mean the same to a user
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupted, or another kind "
-                        f"of file): {reason}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint: it lacks the 'model' and 'model_args' entries "
-                        f"that train.py (and nanoGPT) write")
-    return ckpt
+    @classmethod
+    def from_dict(cls, d):
+        """The dict torch.load gives (ours, nanoGPT's, or an older version of ours). Invalid model_args
+        raise UserError."""
+        args = {**d["model_args"], **d.get("model_extra", {})}
+        if "gelu" in args:  # checkpoints before the activation option named the GELU form
+            args.setdefault("activation", {"exact": "gelu", "tanh": "gelu_tanh"}.get(args.pop("gelu"), "?"))
+        try:
+            config = GPTConfig(**{k: v for k, v in args.items() if k in STORED_FIELDS})
+        except (TypeError, UserError) as e:
+            raise UserError(f"the checkpoint's model_args are invalid: {e}") from None
+        lora = d.get("lora")
+        if lora is not None and "base" not in lora:  # adapter checkpoints before the base moved inside "lora"
+            lora = {**lora, "base": d.get("base", "")}
+        return cls(clean_state_dict(d["model"]), config, d.get("tokenizer"), d.get("task"), d.get("iter_num", 0),
+                   float(d.get("best_val_loss", float("inf"))), d.get("optimizer"), d.get("config") or {},
+                   LoRAConfig(**lora) if lora is not None else None, d.get("chat"))
 
 
 def clean_state_dict(state_dict):
@@ -119,70 +90,174 @@ def clean_state_dict(state_dict):
     return out
 
 
-def model_args_of(config):
-    """GPTConfig -> (model_args, model_extra): nanoGPT's fields, and our other architecture fields."""
-    values = asdict(config)
-    args = {k: values[k] for k in NANOGPT_FIELDS}
-    extra = {k: values[k] for k in STORED_FIELDS if k not in NANOGPT_FIELDS}
-    return args, extra
+def weights_digest(state):
+    """What identifies a model's weights, cheaply: SHA-256 over each tensor's name, shape and an even
+    sample of up to 4,096 of its values (a model trained further changes nearly every value)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        flat = state[name].detach().reshape(-1)
+        digest.update(f"{name}{tuple(state[name].shape)}".encode())
+        digest.update(flat[::max(1, flat.numel() // 4096)].to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()
 
 
-def config_of(ckpt, **overrides):
-    """The GPTConfig a checkpoint describes (model_args, then model_extra; older checkpoints kept
-    the extra fields in model_args). Invalid values raise UserError."""
-    args = {**ckpt["model_args"], **ckpt.get("model_extra", {})}
-    if "gelu" in args:  # checkpoints before the activation option named the GELU form
-        args.setdefault("activation", {"exact": "gelu", "tanh": "gelu_tanh"}.get(args.pop("gelu"), "?"))
+# ---- writing and reading ------------------------------------------------------------------
+
+def write_atomically(path, write):
+    """write(f) into a temporary file beside `path`, then rename it over `path`: a run killed or a
+    disk filling up while writing leaves the previous file whole, and no partial file behind to
+    fill the disk further. A write the system refuses (no space left, no permission, a folder
+    that is a file) raises UserError naming the path; Ctrl-C and real bugs pass through as they are."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        return GPTConfig(**{**{k: v for k, v in args.items() if k in STORED_FIELDS}, **overrides})
-    except (TypeError, UserError) as e:
-        raise UserError(f"the checkpoint's model_args are invalid: {e}") from None
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # it was never made (the folder is a file, or not writable): nothing to clean
+            pass
+        cause = os_error(e)
+        if cause is None:
+            raise
+        raise UserError(f"cannot write {path}: {cause.strerror or cause}") from None
 
 
-def model_from_checkpoint(ckpt, device="cpu", **overrides):
+def check_writable(folder, name, fix):
+    """Fail now, not after an hour's work, if files cannot be written into `folder` (made if missing):
+    UserError '{name} {folder} is not writable (why); {fix}'."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{name} {folder} is not writable ({e.strerror or e}); {fix}") from None
+
+
+def os_error(e):
+    """The OSError behind an exception, if any: torch.save reports a failed write as a RuntimeError
+    ("unexpected pos ...") raised while handling the OSError ("No space left on device")."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def save_checkpoint(ckpt, path):
+    write_atomically(path, lambda f: torch.save(ckpt.to_dict(), f))
+
+
+def record_latest(path):
+    LATEST.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(LATEST, lambda f: f.write((str(Path(path).resolve()) + "\n").encode("utf-8")))
+
+
+def find_checkpoint(out_dir="", ckpt=""):
+    """The checkpoint named by `ckpt` or `out_dir`: a file, a folder's ckpt.pt, or a Hugging Face
+    folder; neither given, the one train.py wrote last. A missing one raises UserError saying
+    how to make one."""
+    if ckpt or out_dir:
+        path = Path(ckpt or out_dir)
+        if path.is_dir() and not (path / "ckpt.pt").is_file() and is_hf_folder(path):
+            return path
+        path = path / "ckpt.pt" if path.is_dir() or (not ckpt and not path.suffix) else path
+    elif LATEST.is_file():
+        path = Path(LATEST.read_text(encoding="utf-8").strip())
+    else:
+        raise UserError(f"no checkpoint found (no --out_dir or --ckpt given, and no {LATEST}); {TRAIN_HINT}")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; {TRAIN_HINT}, or name another with --out_dir")
+    return path
+
+
+def load_checkpoint(path):
+    """The Checkpoint in a file of ours (or nanoGPT's) or a Hugging Face folder. Files are read with
+    torch.load(weights_only=True): no pickled code runs, and a file that is truncated, corrupted or
+    not a checkpoint at all is one clear UserError. Everything is loaded onto the CPU:
+    model_from_checkpoint moves the weights where they run, and the rest (optimizer state, the
+    sort split) stays off the GPU."""
+    path = Path(path)
+    if is_hf_folder(path):
+        folder = read_folder(path)
+        return Checkpoint(folder.weights, GPTConfig(**folder.config), folder.tokenizer.to_dict(), {"type": "text"},
+                          config={"source": str(path.resolve())}, chat=folder.chat)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; {TRAIN_HINT}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a bad file; all mean the same to a user
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupted, or another kind "
+                        f"of file): {reason}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint: it lacks the 'model' and 'model_args' entries "
+                        f"that train.py (and nanoGPT) write")
+    return Checkpoint.from_dict(ckpt)
+
+
+# ---- the model a checkpoint holds ---------------------------------------------------------
+
+def model_from_checkpoint(ckpt, device="cpu", allow_changed_base=False, **overrides):
     """The GPT a checkpoint describes, with its weights; an adapter checkpoint's (LoRA) with its
     base's weights and its adapters, the adapters (and what else it trained) left trainable.
     model_args that do not fit the weights raise UserError naming the mismatch. `overrides` are
     GPTConfig fields that do not change the weights (dropout, attention)."""
-    model = GPT(config_of(ckpt, **overrides))
-    state = clean_state_dict(ckpt["model"])
-    if "lora" in ckpt:
-        add_adapters(model, LoRAConfig(**ckpt["lora"]))
-        state = {**base_weights(ckpt["base"], model), **state}
+    model = GPT(replace(ckpt.model_config, **overrides))
+    state = dict(ckpt.model)
+    if ckpt.lora:
+        add_adapters(model, ckpt.lora)
+        state = {**base_weights(ckpt.lora, model, allow_changed_base), **state}
         for name, p in model.named_parameters():
-            p.requires_grad_(name in ckpt["model"])
+            p.requires_grad_(name in ckpt.model)
     if "lm_head.weight" not in state and "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]  # tied; some tools save it once
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
-        raise UserError(f"the checkpoint's model_args {dict(ckpt['model_args'])} do not match its "
+        raise UserError(f"the checkpoint's model_args {ckpt.to_dict()['model_args']} do not match its "
                         f"weights: {' '.join(lines)[:400]}") from None
     return model.to(device)
 
 
-def base_weights(path, model):
-    """An adapter checkpoint's base weights, fitted to the fine-tuned model: learned positions cropped
-    to its block_size; tensors of another shape (embeddings grown for new tokens) are the adapter
-    checkpoint's own and left out here."""
+def base_state(path):
+    """The whole weights of the model at `path` (its adapters merged, if it is an adapter checkpoint itself)."""
     if not Path(path).exists():
         raise UserError(f"the adapters' base model {path} is not there; put it back, or train the adapters again "
                         f"from a base with --init_from")
-    state = clean_state_dict(load_checkpoint(path)["model"])
+    return merge_adapters(model_from_checkpoint(load_checkpoint(path))).state_dict()
+
+
+def base_weights(lora, model, allow_changed_base=False):
+    """An adapter checkpoint's base weights, fitted to the fine-tuned model: learned positions cropped
+    to its block_size; tensors of another shape (embeddings grown for new tokens) are the adapter
+    checkpoint's own and left out here. A base whose weights changed since the adapters were trained
+    (retrained in place, replaced) is refused unless allow_changed_base."""
+    state = base_state(lora.base)
+    if lora.base_digest and weights_digest(state) != lora.base_digest and not allow_changed_base:
+        raise UserError(f"the adapters' base model {lora.base} is not the one they were trained on (its weights "
+                        f"changed since); train the adapters again on it, or pass --allow_changed_base=True to use "
+                        f"them with it anyway")
     if "transformer.wpe.weight" in state:
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:model.config.block_size]
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     return {k: v for k, v in state.items() if shapes.get(k) == v.shape}
 
 
+# ---- vocabularies: ours, and nanoGPT's meta.pkl -------------------------------------------
+
 def tokenizer_from_checkpoint(ckpt, meta=""):
-    """The checkpoint's character vocabulary, or (for a nanoGPT checkpoint, which has none) the
+    """The checkpoint's vocabulary, or (for a nanoGPT checkpoint, which has none) the
     one in a nanoGPT meta.pkl. None when there is neither."""
     if meta:
         return tokenizer_from_meta(meta)
-    if "tokenizer" in ckpt:
-        return tokenizer_from_dict(ckpt["tokenizer"])
+    if ckpt.tokenizer is not None:
+        return tokenizer_from_dict(ckpt.tokenizer)
     return None
 
 
@@ -218,30 +293,42 @@ def write_meta(tokenizer, path):
     write_atomically(path, lambda f: pickle.dump(meta, f))
 
 
+# ---- opening a model to use it ------------------------------------------------------------
+
+@dataclass
+class ModelSource:
+    """Which model a command opens (the flags of every command that uses a model)."""
+    out_dir: str = ""  # a training run's out_dir; empty: the checkpoint train.py wrote last
+    ckpt: str = ""  # a checkpoint file or a Hugging Face folder (instead of out_dir)
+    meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
+    allow_changed_base: bool = False  # LoRA adapters: use them even if their base's weights changed
+
+
 @dataclass
 class OpenedModel:
     """A checkpoint opened for use: the model in eval mode on `device`, its tokenizer (None for
     a nanoGPT checkpoint without --meta) and its task."""
     path: Path
-    ckpt: dict
+    ckpt: Checkpoint
     model: GPT
     tokenizer: object
     task: object
     device: str
 
 
-def open_model(out_dir="", ckpt="", device="cpu", meta="", quiet=False):
-    """The one way to open a model: a checkpoint file, an out_dir, or (neither) the one train.py
-    wrote last -> OpenedModel, laid out for fast decoding on the CPU (runtime.decode_layout).
-    Says on stderr which checkpoint it opened unless quiet."""
+def open_model(source, device="cpu", quiet=False):
+    """The one way to open a model: a ModelSource (a command's flags: its checkpoint file, out_dir,
+    or neither, the one train.py wrote last) or a path -> OpenedModel, laid out for fast decoding on
+    the CPU (runtime.decode_layout). Says on stderr which checkpoint it opened unless quiet."""
+    source = source if isinstance(source, ModelSource) else ModelSource(ckpt=str(source))
     device = resolve_device(device)
-    path = find_checkpoint(out_dir, ckpt)
+    path = find_checkpoint(source.out_dir, source.ckpt)
     if not quiet:
         print(f"checkpoint: {path}", file=sys.stderr)
-    checkpoint = load_checkpoint(path)
-    model = merge_adapters(model_from_checkpoint(checkpoint, device)).eval()  # adapters folded in: as fast as any
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, device, source.allow_changed_base)
+    model = merge_adapters(model).eval()  # adapters folded in: as fast as any
     if device == "cpu":
         decode_layout(model)
-    tokenizer = tokenizer_from_checkpoint(checkpoint, meta)
-    task = task_from_checkpoint(checkpoint, tokenizer, model.config.block_size)
-    return OpenedModel(path, checkpoint, model, tokenizer, task, device)
+    tokenizer = tokenizer_from_checkpoint(ckpt, source.meta)
+    return OpenedModel(path, ckpt, model, tokenizer, task_from_checkpoint(ckpt, tokenizer), device)

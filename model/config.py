@@ -6,17 +6,20 @@ import ast
 import difflib
 import sys
 import typing
-from dataclasses import asdict, dataclass, field, fields, make_dataclass
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from model.checkpoint import ModelSource
+from model.data import DataSettings
 from model.errors import UserError
 from model.gpt import GPTConfig
+from model.lora import LoRAConfig
 from model.runtime import DTYPES
 from model.tasks import TASKS
 
 # TrainConfig takes every GPTConfig field as a flag of the same name (their meanings are written in
-# gpt.py), except these two, which the task and tokenizer decide and TrainConfig declares itself.
+# gpt.py), except these two, which the task and tokenizer decide and DataSettings declares.
 TASK_DECIDES = ("block_size", "vocab_size")
 MODEL_FIELDS = tuple(f.name for f in fields(GPTConfig) if f.name not in TASK_DECIDES)
 SMALL_MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128}  # train.py's defaults: trains on a laptop CPU in minutes
@@ -39,34 +42,25 @@ def run_command(body, argv, failures=()):
 
 
 @dataclass
-class TrainConfig(ModelOptions):
-    """train.py's settings: the model's fields (ModelOptions, from GPTConfig), then these."""
+class TrainConfig(ModelOptions, DataSettings):
+    """train.py's settings: the model's fields (ModelOptions, from GPTConfig), the data's
+    (DataSettings: task, data, out_dir, block_size, tokenizer, ...), then these."""
     # output and evaluation
-    out_dir: str = "out"
     eval_interval: int = 250  # evaluate, log and save a checkpoint every this many iterations
     eval_iters: int = 20  # batches averaged for each train/val loss estimate
     log_interval: int = 10
     always_save_checkpoint: bool = True  # False: save only when the val loss improves
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir's checkpoint), or a checkpoint/out_dir to fine-tune
-    # data
-    task: str = "text"  # 'text' (a UTF-8 file or a folder of .txt files), 'sort', or 'chat' (a .jsonl file picks it)
-    data: str = "data/chinese"  # text: .txt; chat: .jsonl of {"prompt", "completion"} or {"messages": [...]}
-    val_fraction: float = 0.1  # held out: the end of a text, a seeded share of chat examples (0: none)
-    sort_length: int = 6  # sort: letters per input
-    sort_alphabet: str = "ABC"
-    sort_holdout: float = 0.2  # sort: fraction of all inputs never trained on
-    stop_at_full_accuracy: bool = True  # sort, chat pairs: stop once every held-out answer is exactly right
+    stop_at_full_accuracy: bool = True  # sort, chat pairs: stop once every held-out answer (none held out: every
+    # training answer) is exactly right
     batch_size: int = 12
-    block_size: int = 64  # sort: follows from sort_length; fine-tune: 0 keeps the base model's
-    tokenizer: str = "char"  # text: 'char', 'bpe' (byte-level BPE trained on the text), or a tokenizer's path
-    vocab_size: int = 0  # bpe: how many tokens to learn; char or a path: 0 is the tokenizer's size
-    drop_unknown: bool = False  # a vocabulary from files: leave out characters it lacks instead of adding them
     gradient_accumulation_steps: int = 1
     # LoRA (fine-tuning only): the base frozen, low-rank adapters on the target layers learn
     lora_rank: int = 0  # r; 0: off (every weight trains)
     lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0
     lora_targets: str = "attention"  # 'attention', 'mlp', 'all', or layer names like 'c_attn,c_fc'
+    allow_changed_base: bool = False  # resuming adapters whose base's weights changed since: go on anyway
     # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
     learning_rate: float = 1e-3
     max_iters: int = 5000
@@ -82,7 +76,19 @@ class TrainConfig(ModelOptions):
     device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
     dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16', 'float64'
     compile: bool = False
-    seed: int = 1337
+
+    def data_settings(self):
+        return DataSettings(**{f.name: getattr(self, f.name) for f in fields(DataSettings)})
+
+    def lora(self):
+        """The --lora_* flags as one LoRAConfig (None when lora_rank is 0)."""
+        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets) if self.lora_rank else None
+
+    def with_lora(self, lora):
+        """These settings with an adapter checkpoint's LoRA as the --lora_* flags (resuming: the checkpoint decides)."""
+        lora = lora or LoRAConfig(0, self.lora_alpha, self.lora_dropout, self.lora_targets)
+        return replace(self, lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                       lora_targets=lora.targets)
 
     def validate(self):
         positive = ("eval_interval", "eval_iters", "log_interval", "batch_size",
@@ -113,21 +119,18 @@ class TrainConfig(ModelOptions):
 
 
 @dataclass
-class SampleConfig:
-    out_dir: str = ""  # a training run's out_dir; empty: the checkpoint train.py wrote last
-    ckpt: str = ""  # a checkpoint file (instead of out_dir)
+class SampleConfig(ModelSource):
     start: str = ""  # the prompt, or FILE:path to read it from a file
     num_samples: int = 3
     max_new_tokens: int = 200
     temperature: float = 0.8  # 0: always the most likely token (greedy)
     top_k: Optional[int] = None  # sample only among the k most likely tokens
     top_p: float = 1.0  # sample only among the most likely tokens whose probabilities reach p
-    seed: int = 1337
+    seed: int = 1337  # sample i draws with seed + i (the server's "seed" draws as sample 0 does)
     device: str = "auto"
     drop_unknown: bool = False  # drop prompt characters the vocabulary lacks instead of stopping
     eval: bool = False  # sort checkpoints: exact-match accuracy over every input
     kv_cache: bool = True
-    meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
     chat: bool = False  # models trained on .jsonl: a conversation in the terminal
     system: str = ""  # models trained on .jsonl: a system message before the conversation
 
@@ -143,12 +146,14 @@ class SampleConfig:
         if self.num_samples < 1:
             raise UserError(f"num_samples must be at least 1, got {self.num_samples}")
 
+    def rules(self, task):
+        """The decoding rules these flags ask for, on top of the model's own (task.rules)."""
+        return replace(task.rules, max_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                       top_p=self.top_p, seed=self.seed)
+
 
 @dataclass
-class WalkthroughConfig:
-    out_dir: str = ""  # a training run's out_dir; empty: the checkpoint train.py wrote last
-    ckpt: str = ""  # a checkpoint file (instead of out_dir)
-    meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
+class WalkthroughConfig(ModelSource):
     start: str = ""  # the input to walk through, e.g. CBABBC or 天行健 (a model trained to answer: the question)
     reply: str = ""  # a model trained to answer: its answer after --start, to see which tokens the loss counts
     layers: str = "all"  # which blocks to show: 'all' or numbers like '0' or '0,2'
@@ -171,10 +176,7 @@ class WalkthroughConfig:
 
 
 @dataclass
-class ServeConfig:
-    out_dir: str = ""  # a training run's out_dir; empty: the checkpoint train.py wrote last
-    ckpt: str = ""  # a checkpoint file or a Hugging Face folder (instead of out_dir)
-    meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
+class ServeConfig(ModelSource):
     device: str = "auto"
     host: str = "127.0.0.1"  # this machine only; 0.0.0.0 serves the network (set an api_key then)
     port: int = 8000
@@ -193,8 +195,7 @@ class ServeConfig:
 
 
 @dataclass
-class PlotConfig:
-    out_dir: str = ""  # a training run's out_dir; empty: the one train.py wrote last
+class PlotConfig(ModelSource):
     start: str = ""  # the prompt for the attention maps (sort: the input letters); empty: one is chosen
 
     def validate(self):

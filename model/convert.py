@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import (clean_state_dict, find_checkpoint, load_checkpoint, model_args_of, model_from_checkpoint,
+from model.checkpoint import (Checkpoint, check_writable, find_checkpoint, load_checkpoint, model_from_checkpoint,
                               save_checkpoint, tokenizer_from_checkpoint)
 from model.config import load_config, run_command
 from model.errors import UserError
-from model.hf import write_folder, write_peft
-from model.lora import merge_adapters
+from model.hf import CHAT_FILES, FOLDER_FILES, PEFT_FILES, check_peft, folder_format, write_folder, write_peft
 from model.llmviz import MODEL_FILE, PARTIALS_FILE, read_model_json, read_state_dict, write_llmviz
-from model.tasks import SortTask, task_from_checkpoint
+from model.lora import merge_adapters
+from model.tasks import SortTask, chat_task, task_from_checkpoint
 
 USAGE = ("usage: python -m model.convert SOURCE DEST [--to=ours|hf|llmviz|peft] [--meta=path/to/meta.pkl] [--n_head=N] "
          "[--start=CBABBC,...]")
@@ -39,6 +39,7 @@ class ConvertConfig:
     meta: str = ""  # nanoGPT checkpoints: a meta.pkl with the character vocabulary
     n_head: int = 0  # minGPT state_dicts: the number of heads (a state_dict does not record it)
     start: str = ""  # --to=llmviz: the sort inputs whose activations are written, e.g. CBABBC,ABCABC
+    allow_changed_base: bool = False  # LoRA adapters: convert them even if their base's weights changed
 
     def validate(self):
         if self.to not in FORMATS:
@@ -48,26 +49,13 @@ class ConvertConfig:
 def source_tokenizer(path, ckpt, meta):
     """The checkpoint's vocabulary, or a nanoGPT checkpoint's meta.pkl (--meta, or beside it)."""
     beside = Path(path).parent / "meta.pkl" if Path(path).is_file() else None
-    if "tokenizer" not in ckpt and not meta and beside is not None and beside.is_file():
+    if ckpt.tokenizer is None and not meta and beside is not None and beside.is_file():
         meta = str(beside)
     tokenizer = tokenizer_from_checkpoint(ckpt, meta)
     if tokenizer is None:
         raise UserError(f"{path} has no vocabulary (a nanoGPT checkpoint?) and no meta.pkl beside it; "
                         f"give one with --meta=path/to/meta.pkl")
     return tokenizer
-
-
-def to_ours(path, ckpt, model, tokenizer, dest):
-    out = Path(dest) / "ckpt.pt"
-    if out.exists():
-        raise UserError(f"{out} exists; choose another DEST (nothing is overwritten)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    args, extra = model_args_of(model.config)
-    save_checkpoint({"model": model.state_dict(), "model_args": args, "model_extra": extra,
-                     "iter_num": ckpt.get("iter_num", 0), "best_val_loss": float(ckpt.get("best_val_loss", float("inf"))),
-                     "config": {"converted_from": str(Path(path).resolve())}, "tokenizer": tokenizer.to_dict(),
-                     "task": ckpt.get("task") or {"type": "text"}}, out)
-    return out
 
 
 def bare_state_dict(path):
@@ -80,7 +68,7 @@ def bare_state_dict(path):
 
 
 def read_source(source, cfg):
-    """(path, checkpoint) for any SOURCE convert reads."""
+    """(path, Checkpoint) for any SOURCE convert reads."""
     path = Path(source)
     if path.suffix == ".json" and path.is_file():
         return path, read_model_json(path)
@@ -93,30 +81,54 @@ def read_source(source, cfg):
         raise
 
 
+def files_to_write(to, path, ckpt, task, chat):
+    """The files --to writes into DEST; a model that format cannot hold is refused here, before anything is written."""
+    if to == "peft":
+        if not ckpt.lora:
+            raise UserError(f"{path} has no LoRA adapters (train with --lora_rank to make some); --to=hf writes a "
+                            f"whole model")
+        check_peft(ckpt.model, ckpt.model_config)
+        return PEFT_FILES
+    if to == "llmviz":
+        if not isinstance(task, SortTask):
+            raise UserError("the visualisation shows a letter sorter: convert a sort model (train configs/sort.py)")
+        return MODEL_FILE, PARTIALS_FILE
+    if to == "hf":
+        if isinstance(task, SortTask):
+            raise UserError(f"{path} is a sort model; a Hugging Face folder holds text and chat models only")
+        folder_format(ckpt.model_config)
+        return FOLDER_FILES + (CHAT_FILES if chat else ())
+    return ("ckpt.pt",)
+
+
+def check_dest(dest, names):
+    """DEST may take these files: none of them there already, and a folder that can be written into."""
+    there = [n for n in names if (Path(dest) / n).exists()]
+    if there:
+        raise UserError(f"{dest} already holds {', '.join(there)}; choose another DEST (nothing is overwritten)")
+    check_writable(dest, "DEST", "choose another DEST")
+
+
 def convert(source, dest, cfg):
-    """SOURCE -> DEST as cfg.to says; returns what was written."""
+    """SOURCE -> DEST as cfg.to says; returns what was written. Every refusal comes before any file is written."""
     path, ckpt = read_source(source, cfg)
     tokenizer = source_tokenizer(path, ckpt, cfg.meta)
-    adapted = model_from_checkpoint(ckpt).eval()
+    task = task_from_checkpoint(ckpt, tokenizer)
+    chat = chat_task(ckpt, task)
+    check_dest(dest, files_to_write(cfg.to, path, ckpt, task, chat))
+    adapted = model_from_checkpoint(ckpt, allow_changed_base=cfg.allow_changed_base).eval()
     if cfg.to == "peft":
-        if "lora" not in ckpt:
-            raise UserError(f"{path} has no LoRA adapters (train with --lora_rank to make some); --to=hf writes a whole model")
-        if (Path(dest) / "adapter_model.safetensors").exists():
-            raise UserError(f"{dest} already holds adapters; choose another DEST (nothing is overwritten)")
-        return write_peft(adapted, clean_state_dict(ckpt["model"]), ckpt["lora"], ckpt["base"], dest)
+        return write_peft(adapted, ckpt.model, ckpt.lora, dest)
     model = merge_adapters(adapted)  # LoRA adapters folded into the weights: a whole model
     if cfg.to == "ours":
-        return to_ours(path, ckpt, model, tokenizer, dest)
+        out = Path(dest) / "ckpt.pt"
+        save_checkpoint(Checkpoint(model.state_dict(), model.config, tokenizer.to_dict(), ckpt.task or {"type": "text"},
+                                   ckpt.iter_num, ckpt.best_val_loss, config={"converted_from": str(path.resolve())},
+                                   chat=ckpt.chat), out)
+        return out
     if cfg.to == "llmviz":
-        if any((Path(dest) / n).exists() for n in (MODEL_FILE, PARTIALS_FILE)):
-            raise UserError(f"{dest} already holds the visualisation's files; choose another DEST (nothing is overwritten)")
-        return write_llmviz(model, task_from_checkpoint(ckpt, tokenizer, model.config.block_size), dest, cfg.start)
-    task = task_from_checkpoint(ckpt, tokenizer, model.config.block_size)
-    if isinstance(task, SortTask):
-        raise UserError(f"{path} is a sort model; a GPT-2 folder holds text and chat models only")
-    if any((Path(dest) / n).exists() for n in ("model.safetensors", "config.json", "tokenizer.json")):
-        raise UserError(f"{dest} already holds a model; choose another DEST (nothing is overwritten)")
-    return write_folder(model, tokenizer, dest, getattr(task, "template", None))
+        return write_llmviz(model, task, dest, cfg.start)
+    return write_folder(model, tokenizer, dest, chat.template if chat else None)
 
 
 def convert_command(argv):

@@ -27,6 +27,23 @@ SAFE_CUT = re.compile(r"(?<=\S)(?=[ \n]\S)")
 
 
 @dataclass
+class DataSettings:
+    """What a training task is made from: train.py's data flags (TrainConfig takes these fields)."""
+    task: str = "text"  # 'text' (a UTF-8 file or a folder of .txt files), 'sort', or 'chat' (a .jsonl file picks it)
+    data: str = "data/chinese"  # text: .txt; chat: .jsonl of {"prompt", "completion"} or {"messages": [...]}
+    out_dir: str = "out"  # prepared files go to out_dir/prepared
+    val_fraction: float = 0.1  # held out: the end of a text, a seeded share of chat examples (0: none)
+    sort_length: int = 6  # sort: letters per input
+    sort_alphabet: str = "ABC"
+    sort_holdout: float = 0.2  # sort: fraction of all inputs never trained on
+    block_size: int = 64  # sort: follows from sort_length; fine-tune: 0 keeps the base model's
+    tokenizer: str = "char"  # text: 'char', 'bpe' (byte-level BPE trained on the text), or a tokenizer's path
+    vocab_size: int = 0  # bpe: how many tokens to learn; char or a path: 0 is the tokenizer's size
+    drop_unknown: bool = False  # a vocabulary from files: leave out characters it lacks instead of adding them
+    seed: int = 1337  # the held-out share of chat examples and the sort split are drawn from it
+
+
+@dataclass
 class TextSource:
     """The files of a text, read in order, joined by newlines."""
     files: list

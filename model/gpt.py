@@ -9,7 +9,8 @@ a time, as the step-by-step explainers draw it: sinusoidal positions, post-LN ("
 a ReLU feed-forward; and minGPT's untied LM head. Six more give what Llama and Qwen changed:
 rotary positions (RoPE), RMSNorm, the gated SiLU feed-forward (SwiGLU), grouped-query attention,
 an explicit head size, RMSNorm on each head's queries and keys (Qwen3) and biases on Q/K/V only
-(Qwen2). Each is one small module picked when the model is built.
+(Qwen2). Each is one small module picked when the model is built; the forward pass tests none
+of them. The KV caches a generation feeds it live with the decoding engine (model/engine.py).
 """
 
 import math
@@ -164,119 +165,13 @@ def norm_layer(config, dim=None):
     return nn.LayerNorm(dim, eps=config.layer_norm_eps, bias=config.bias)
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, so generation feeds one new
-    token per step instead of the whole sequence. Each layer's store is (B, nkv, length, hs), length
-    block_size or what a generation needs (a Qwen's block_size is 32768); with grouped-query
-    attention it holds only the shared heads. Every row has the same length: the tokens of a step
-    take the positions after the cached ones, and the usual causal mask applies."""
-    length = 0  # tokens stored so far (the position of the next token)
-
-    def __init__(self, config, batch_size, device, dtype, length=None):
-        shape = (batch_size, config.n_kv_head, length or config.block_size, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-
-    def start(self, T, device):
-        """A step of T new tokens begins -> (their positions (T,), None: the usual causal mask)."""
-        return torch.arange(self.length, self.length + T, dtype=torch.long, device=device), None
-
-    def append(self, layer, k, v):
-        """Store k, v (B, nkv, T, hs) after the cached ones; return all keys and values so far."""
-        end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def advance(self, T):
-        self.length += T
-
-
-class StaticKVCache(KVCache):
-    """A KV cache whose every step has the same shapes, for torch.compile and CUDA graphs: the
-    next position is a tensor on the device (no Python number changes between steps, so nothing
-    recompiles and the host never waits), and each step reads all `length` slots, the ones not
-    written yet masked out. Every row is at the same position, as in generate()."""
-
-    def __init__(self, config, batch_size, device, dtype, length=None):
-        super().__init__(config, batch_size, device, dtype, length)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)
-        for t in (*self.keys, *self.values, self.pos):  # updated in place: a CUDA graph may keep their addresses
-            torch._dynamo.mark_static_address(t)
-
-    @property
-    def length(self):
-        return int(self.pos)  # the host reads it only for forward's checks, which compiled code skips
-
-    def start(self, T, device):
-        """-> (positions (T,), mask (T, slots)): query t sees the slots up to its own position."""
-        pos = self.pos + torch.arange(T, device=device)
-        return pos, torch.arange(self.keys[0].size(2), device=device) <= pos[:, None]
-
-    def append(self, layer, k, v):
-        where = self.pos + torch.arange(k.size(2), device=k.device)
-        self.keys[layer].index_copy_(2, where, k)
-        self.values[layer].index_copy_(2, where, v)
-        return self.keys[layer], self.values[layer]
-
-    def advance(self, T):
-        self.pos += T
-
-
-class RaggedKVCache(KVCache):
-    """A KV cache whose rows are sequences of different lengths, for serving: requests join and
-    leave a running batch between steps. A step runs on the rows use(a, b) picks, each row's new
-    tokens at its own positions, each query seeing only its own row's keys up to itself."""
-
-    def __init__(self, config, batch_size, device, dtype, length=None):
-        super().__init__(config, batch_size, device, dtype, length)
-        self.lengths = [0] * batch_size  # tokens stored in each row
-        self.rows = slice(0, batch_size)
-
-    def use(self, a, b):
-        """The next steps run on rows a .. b - 1 (their tokens are the batch's rows, in order)."""
-        self.rows = slice(a, b)
-        self.length = max(self.lengths[self.rows])  # the longest row: what the model checks against block_size
-
-    def start(self, T, device):
-        """-> (positions (B, T), mask (B, 1, T, S)): query t of row b sees keys 0 .. lengths[b] + t."""
-        past = torch.tensor(self.lengths[self.rows], dtype=torch.long, device=device)
-        self.pos = past[:, None] + torch.arange(T, device=device)  # (B, T)
-        keys = torch.arange(self.length + T, device=device)
-        return self.pos, keys[None, None, None, :] <= self.pos[:, None, :, None]
-
-    def append(self, layer, k, v):
-        """Store k, v (B, nkv, T, hs) at each row's positions; return the rows' keys and values so far."""
-        where = self.pos[:, None, :, None].expand_as(k)
-        keys, values = self.keys[layer][self.rows], self.values[layer][self.rows]
-        keys.scatter_(2, where, k)
-        values.scatter_(2, where, v)
-        end = self.length + k.size(2)
-        return keys[:, :, :end], values[:, :, :end]
-
-    def advance(self, T):
-        for i in range(self.rows.start, self.rows.stop):
-            self.lengths[i] += T
-        self.length += T
-
-    def reset(self, row):
-        self.lengths[row] = 0
-
-    def move(self, src, dst):
-        """Row src's cached tokens become row dst's (a finished request's row is refilled by the last one)."""
-        n = self.lengths[src]
-        for store in (*self.keys, *self.values):
-            store[dst, :, :n] = store[src, :, :n]
-        self.lengths[dst] = n
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.dropout
-        self.attention = config.attention
+        self.attend = self.explicit_attention if config.attention == "explicit" else self.sdpa_attention  # how, not what
         q, kv = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         self.c_attn = nn.Linear(config.n_embd, q + 2 * kv, bias=config.bias or config.qkv_bias)  # Q, K, V at once
         self.c_proj = nn.Linear(q, config.n_embd, bias=config.bias)  # heads joined -> C
@@ -302,10 +197,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.append(layer, k, v)  # (B, nkv, past + T, hs)
         if nkv < nh:  # grouped-query attention: each key/value head serves nh // nkv query heads
             k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
-        if self.attention == "explicit":
-            y = self.explicit_attention(q, k, v, mask)
-        else:
-            y = self.sdpa_attention(q, k, v, mask)
+        y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # join the heads again
         return self.resid_dropout(self.c_proj(y))
 
@@ -399,8 +291,8 @@ class GPT(nn.Module):
         self.transformer.drop = nn.Dropout(config.dropout)
         self.transformer.h = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.rotary = Rotary(config.head_dim, config.rope_theta) if config.positions == "rope" else None
-        if config.norm == "pre":  # post-norm blocks end normalised already: no final norm
-            self.transformer.ln_f = norm_layer(config)
+        # post-norm blocks end normalised already: no final norm
+        self.transformer.ln_f = norm_layer(config) if config.norm == "pre" else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.head == "tied":  # the LM head reads the vocabulary with the token embedding matrix
             self.transformer.wte.weight = self.lm_head.weight
@@ -428,9 +320,11 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None):
         """idx: (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy over
-        targets (B, T) that are not -1 (None without targets). With a kv_cache, idx holds only
-        the tokens after the cached ones and they take the positions after them (a ragged cache:
-        each row's own, so pos is (B, T) and each row's position embedding its own (B, T, C))."""
+        targets (B, T) that are not -1 (None without targets). With a kv_cache (model/engine.py),
+        idx holds only the tokens after the cached ones and they take the positions after them (a
+        ragged cache: each row's own, so pos is (B, T) and each row's position embedding its own
+        (B, T, C)). Training with gradient checkpointing, the logits are None: the loss is computed
+        256 tokens at a time, so the (B, T, vocab_size) logits never exist whole."""
         self._check_input(idx, kv_cache)
         B, T = idx.size()
         if kv_cache is None:
@@ -438,20 +332,22 @@ class GPT(nn.Module):
         else:
             pos, mask = kv_cache.start(T, idx.device)
         x = self.transformer.wte(idx)  # (B, T, C)
-        if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(pos)  # (T, C), broadcast over the batch
-        rope = self.rotary(pos) if self.rotary is not None else None  # computed once, used by every layer
+        if self.rotary is None:  # positions are added to the token embeddings
+            x, rope = x + self.transformer.wpe(pos), None  # (T, C), broadcast over the batch
+        else:  # RoPE: Q and K are turned by position in every layer instead; the angles computed once
+            rope = self.rotary(pos)
         x = self.transformer.drop(x)
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.transformer.h):
-            if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # the same gradients for less memory: this block's activations are recomputed in backward
+            if recompute:  # the same gradients for less memory: this block's activations are recomputed in backward
                 x = torch.utils.checkpoint.checkpoint(block, x, kv_cache, layer, rope, use_reentrant=False)
             else:
                 x = block(x, kv_cache, layer, rope, mask)
         if kv_cache is not None:
             kv_cache.advance(T)
-        if self.config.norm == "pre":
-            x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)
+        if recompute and targets is not None:
+            return None, self.chunked_loss(x, targets)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -486,14 +382,6 @@ class GPT(nn.Module):
             bad = sorted({int(i) for i in idx.flatten().tolist() if not 0 <= i < self.config.vocab_size})
             raise ValueError(
                 f"token ids {bad[:10]} are outside the vocabulary [0, {self.config.vocab_size})")
-
-    def new_kv_cache(self, batch_size, length=None, kind="plain"):
-        """A cache for batch_size sequences of up to `length` tokens (default block_size); kind
-        'ragged': rows of different lengths (RaggedKVCache); 'static': the same shapes every step,
-        for compiled decoding (StaticKVCache)."""
-        p = self.lm_head.weight
-        cls = {"plain": KVCache, "ragged": RaggedKVCache, "static": StaticKVCache}[kind]
-        return cls(self.config, batch_size, p.device, p.dtype, length)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         """AdamW with weight decay on matrices and embeddings (2+ dims) only, never on biases

@@ -11,12 +11,13 @@ the Hugging Face CLI (README, "Start from GPT-2").
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from model.errors import UserError
-from model.gpt import NANOGPT_FIELDS
 from model.tokenizer import HFTokenizer, hf, load_tokenizer_files
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -136,18 +137,23 @@ def llama_weights(state, n_layer):
     return out
 
 
+@dataclass
+class Folder:
+    """What a Hugging Face folder holds, in our terms: weights (our keys), GPTConfig fields, the
+    tokenizer and the chat template's plain data (or None)."""
+    weights: dict
+    config: dict
+    tokenizer: object
+    chat: Optional[dict]
+
+
 def read_folder(folder):
-    """A Hugging Face folder as a checkpoint of ours (no optimizer state: it can be fine-tuned, not resumed)."""
-    args = config_from_hf(folder)
+    """A Hugging Face folder's model, config, tokenizer and chat template (model.checkpoint makes it a checkpoint)."""
+    config = config_from_hf(folder)
     state = load_state(folder)
-    weights = llama_weights(state, args["n_layer"]) if args.get("positions") == "rope" else gpt2_weights(state)
-    extra = {k: args.pop(k) for k in list(args) if k not in NANOGPT_FIELDS}
+    weights = llama_weights(state, config["n_layer"]) if config.get("positions") == "rope" else gpt2_weights(state)
     tokenizer = load_tokenizer_files(folder)
-    ckpt = {"model": weights, "model_args": args, "model_extra": extra, "tokenizer": tokenizer.to_dict(),
-            "task": {"type": "text"}, "iter_num": 0, "best_val_loss": float("inf"),
-            "config": {"source": str(Path(folder).resolve())}}
-    chat = folder_chat_template(folder, tokenizer)
-    return {**ckpt, "chat": chat} if chat else ckpt
+    return Folder(weights, config, tokenizer, folder_chat_template(folder, tokenizer))
 
 
 def folder_chat_template(folder, tokenizer):
@@ -255,6 +261,11 @@ def folder_format(config):
     return ("qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else "llama") if rope else "gpt2"
 
 
+FOLDER_FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")  # write_folder's
+CHAT_FILES = ("chat_template.jinja", "generation_config.json")  # and, for a model with a chat template, these
+PEFT_FILES = ("adapter_model.safetensors", "adapter_config.json")  # write_peft's
+
+
 def write_folder(model, tokenizer, dest, chat=None):
     """Write DEST as a Hugging Face folder of the architecture that computes what the model does
     (GPT-2, or Llama / Qwen2 / Qwen3 for RoPE models): model.safetensors, config.json,
@@ -313,21 +324,27 @@ def peft_tensors(adapters, config, kind):
     return out
 
 
-def write_peft(model, adapters, lora, base, dest):
-    """DEST as a peft LoRA folder (adapter_model.safetensors, adapter_config.json) for the
-    Hugging Face export of the adapters' base (python -m model.convert BASE FOLDER --to=hf)."""
-    kind = folder_format(model.config)
+def check_peft(adapters, config):
+    """UserError unless the adapters fit a peft folder: only LoRA tensors, on a model a folder can hold."""
+    folder_format(config)
     extra = [k for k in adapters if ".lora_" not in k]
     if extra:
         raise UserError(f"these adapters also trained {', '.join(extra)} (the vocabulary grew), which a peft adapter "
                         f"cannot hold; export the merged model with --to=hf instead")
+
+
+def write_peft(model, adapters, lora, dest):
+    """DEST as a peft LoRA folder (adapter_model.safetensors, adapter_config.json) for the
+    Hugging Face export of the adapters' base (python -m model.convert BASE FOLDER --to=hf)."""
+    check_peft(adapters, model.config)
+    kind = folder_format(model.config)
     tensors = peft_tensors(adapters, model.config, kind)
     modules = sorted({k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in tensors})
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     safetensors_torch().save_file(tensors, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"], "lora_alpha": lora["alpha"],
-              "lora_dropout": lora["dropout"], "target_modules": modules, "bias": "none",
-              "fan_in_fan_out": kind == "gpt2", "base_model_name_or_path": str(base), "inference_mode": True}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
+              "lora_dropout": lora.dropout, "target_modules": modules, "bias": "none",
+              "fan_in_fan_out": kind == "gpt2", "base_model_name_or_path": lora.base, "inference_mode": True}
     (dest / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dest

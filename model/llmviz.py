@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from model import reference as ref
-from model.checkpoint import clean_state_dict, model_args_of
+from model.checkpoint import Checkpoint, clean_state_dict
+from model.engine import complete
 from model.errors import UserError
 from model.gpt import GPTConfig, causal_mask
-from model.tasks import SortTask
 
 SORT_SHAPE = {"vocab_size": 3, "block_size": 11}  # the visualisation's sorter: 6 letters from A, B, C
 MODEL_FILE, PARTIALS_FILE = "gpt-nano-sort-model.json", "gpt-nano-sort-t0-partials.json"
@@ -57,13 +57,10 @@ def checkpoint_from_state(state, n_head, source, extra_config=None):
     config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=wte.shape[1], vocab_size=wte.shape[0],
                        block_size=wpe.shape[0], bias="transformer.h.0.attn.c_attn.bias" in state,
                        activation="gelu_tanh", head="tied" if tied else "untied")
-    args, extra = model_args_of(config)
     sorter = {"vocab_size": config.vocab_size, "block_size": config.block_size} == SORT_SHAPE
     task = {"type": "sort", "length": 6, "alphabet": "ABC", "heldout": None} if sorter else {"type": "text"}
     tokenizer = {"type": "char", "itos": list("ABC")} if sorter else None
-    ckpt = {"model": state, "model_args": args, "model_extra": extra, "task": task, "iter_num": 0,
-            "best_val_loss": float("inf"), "config": {"converted_from": str(source), **(extra_config or {})}}
-    return {**ckpt, "tokenizer": tokenizer} if tokenizer else ckpt
+    return Checkpoint(state, config, tokenizer, task, config={"converted_from": str(source), **(extra_config or {})})
 
 
 def read_model_json(path):
@@ -78,9 +75,10 @@ def read_model_json(path):
                         f"n_head and n_embd, and one entry per tensor")
     state = {k: decode_tensor(k, v, path) for k, v in data.items() if k != "config"}
     ckpt = checkpoint_from_state(state, int(config["n_head"]), Path(path).resolve(), {"mingpt": config})
-    if int(config["n_layer"]) != ckpt["model_args"]["n_layer"] or int(config["n_embd"]) != ckpt["model_args"]["n_embd"]:
+    found = ckpt.model_config
+    if int(config["n_layer"]) != found.n_layer or int(config["n_embd"]) != found.n_embd:
         raise UserError(f"{path}: its config says n_layer={config['n_layer']}, n_embd={config['n_embd']}, but its "
-                        f"tensors have {ckpt['model_args']['n_layer']} layers of {ckpt['model_args']['n_embd']}")
+                        f"tensors have {found.n_layer} layers of {found.n_embd}")
     return ckpt
 
 
@@ -141,9 +139,9 @@ def partials(model, idx):
 def write_partials(model, task, starts, dest):
     """gpt-nano-sort-t0-partials.json for the sort inputs `starts` (each row: the input letters,
     then the model's greedy answer, block_size tokens in all)."""
-    letters = torch.cat([task.read_letters(s) for s in starts])
-    ids = task.answers(model, letters, "cpu")
-    idx = torch.cat([letters, ids], dim=1)[:, :model.config.block_size].numpy()
+    letters = [task.encode_prompt(s) for s in starts]
+    answers = complete(model, letters, task.rules)
+    idx = np.array([(p + a)[:model.config.block_size] for p, a in zip(letters, answers)])
     c = model.config
     config = {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "vocab_size": c.vocab_size,
               "block_size": c.block_size, "B": len(starts)}
@@ -154,10 +152,8 @@ def write_partials(model, task, starts, dest):
 
 
 def write_llmviz(model, task, dest, start=""):
-    """Both files into DEST. A model the visualisation computes differently is written, with a
-    note on stderr of what differs."""
-    if not isinstance(task, SortTask):
-        raise UserError("the visualisation shows a letter sorter: convert a sort model (train configs/sort.py)")
+    """Both files into DEST for a sorter (a SortTask). A model the visualisation computes
+    differently is written, with a note on stderr of what differs."""
     differs = {"activation": "gelu_tanh", "positions": "learned", "norm": "pre"}
     for field, theirs in differs.items():
         if getattr(model.config, field) != theirs:

@@ -21,10 +21,13 @@ TARGETS["all"] = TARGETS["attention"] + TARGETS["mlp"]
 
 @dataclass
 class LoRAConfig:
+    """How adapters are made, and (in an adapter checkpoint) the base they were trained on."""
     rank: int
     alpha: float = 16.0
     dropout: float = 0.0
     targets: str = "attention"  # 'attention', 'mlp', 'all', or layer names like 'c_attn,c_fc'
+    base: str = ""  # the base model's checkpoint or folder (an absolute path): the frozen weights
+    base_digest: str = ""  # what identifies those weights (checkpoint.weights_digest), checked when opened
 
     @property
     def scale(self):

@@ -11,6 +11,7 @@ the model's answer, so you see which input letters each answer letter looks at).
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,13 @@ import numpy as np
 from model import reference as ref
 from model.checkpoint import open_model
 from model.config import PlotConfig, load_config, run_command
+from model.engine import complete
 from model.errors import UserError
 from model.report import write_report
-from model.tokenizer import visible
+from model.tasks import ChatTask
+from model.tokenizer import UnknownCharacters, visible
 
+PLOT_TOKENS = 24  # the maps show at most this many tokens: more would not be readable
 CJK_FONTS = ["Noto Sans CJK SC", "Noto Sans CJK JP", "Source Han Sans SC", "WenQuanYi Zen Hei",
              "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Arial Unicode MS"]
 
@@ -117,26 +121,43 @@ def plot_attention(model, tokens, ids, png_path):
     return png_path
 
 
-def make_plots(out_dir, start=""):
-    """loss.png and attention.png in out_dir, then report.md again with the plots linked. A model
-    not trained here (a GPT-2 folder, a converted checkpoint) has no metrics: only its attention
-    maps are drawn."""
-    opened = open_model(out_dir=out_dir, quiet=True)
+def attention_input(model, task, start):
+    """(labels, ids) of what the attention maps show: the prompt (--start; without one the first
+    held-out input, or a fresh line; for a model trained to answer, --start or '?' as a question in
+    its template), continued greedily by the model up to PLOT_TOKENS tokens or the end of its reply."""
+    try:
+        if isinstance(task, ChatTask):
+            ids = task.encode_messages([{"role": "user", "content": start or "?"}])
+        else:
+            ids = task.encode_prompt(start) if start or not task.answers("val") else task.answers("val")[0][0]
+    except UnknownCharacters as e:
+        raise UserError(f"--start has characters the model does not know: {''.join(e.missing)!r}") from None
+    ids = ids[-task.block_size:]
+    room = min(task.block_size, PLOT_TOKENS) - len(ids)
+    if room > 0:
+        ids = ids + complete(model, [ids], replace(task.rules, max_tokens=room, temperature=0.0))[0]
+    return [task.tokenizer.label(i) for i in ids], ids
+
+
+def make_plots(source, start=""):
+    """loss.png and attention.png beside the checkpoint, then report.md again with the plots linked.
+    A model not trained here (a GPT-2 folder, a converted checkpoint) has no metrics: only its
+    attention maps are drawn."""
+    opened = open_model(source, quiet=True)
     out = opened.path if opened.path.is_dir() else opened.path.parent
     made = []
     if (out / "metrics.jsonl").is_file():
         made.append(plot_losses(out / "metrics.jsonl", out / "loss.png"))
-    tokens, ids = opened.task.attention_prompt(opened.model, start)
+    tokens, ids = attention_input(opened.model, opened.task, start)
     made.append(plot_attention(opened.model, tokens, ids, out / "attention.png"))
     if (out / "run.json").is_file():
-        made.append(write_report(out, opened.model, opened.task, opened.ckpt["config"], opened.ckpt["iter_num"],
-                                 opened.device))
+        made.append(write_report(out, opened.model, opened.task, opened.ckpt.config, opened.ckpt.iter_num))
     return made
 
 
 def plots_command(argv):
     cfg = load_config(PlotConfig, argv)
-    for path in make_plots(cfg.out_dir, cfg.start):
+    for path in make_plots(cfg, cfg.start):
         print(path)
     return 0
 

@@ -3,9 +3,13 @@ training ends (with out_dir/run.json, the run's summary); `python -m model.plots
 again to link the plots it made."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+from model.engine import Engine, Request, complete, draws
+
 PLOTS = {"loss.png": "loss curves", "attention.png": "attention maps"}
+SEPARATOR = "-" * 40  # between samples
 
 
 def write_run_summary(out_dir, summary):
@@ -28,18 +32,50 @@ def summary_rows(model, task, config, run):
     for key, name in (("train_loss", "final train loss"), ("val_loss", "final val loss")):
         if run.get(key) is not None:
             rows.append((name, f"{run[key]:.4f}"))
-    return rows + task.report_rows(run)
+    return rows + accuracy_rows(task, run)
 
 
-def write_report(out_dir, model, task, config, iter_num, device):
-    """Write out_dir/report.md for the model at iteration iter_num (on `device`) with its task and
-    the run's config (a dict), from out_dir/run.json and the plots found there."""
+def accuracy_rows(task, run):
+    """The exact-match rows of a task with answers: held-out and training, with how many were scored."""
+    rows = []
+    for key, split, name in (("heldout_acc", "val", "held-out exact match"), ("train_acc", "train", "training exact match")):
+        if run.get(key) is not None:
+            rows.append((name, f"{run[key]:.1%} of {len(task.answers(split))} {task.examples_name}"))
+    return rows
+
+
+def without_stop(ids, rules):
+    return ids[:-1] if ids and ids[-1] in rules.stop_ids else ids
+
+
+def demo(model, task, count=3):
+    """The model's greedy answers to the first held-out prompts (the training ones when none is held
+    out), each wrong one with what was expected; for text, samples at temperature 0.8 from a fresh
+    line (seeded: the same every time)."""
+    tok, pairs = task.tokenizer, (task.answers("val") or task.answers("train"))[:count]
+    if not pairs:
+        requests = [Request(tok.start_ids(), rules) for rules in draws(replace(task.rules, max_tokens=100,
+                                                                                 temperature=0.8, seed=1337), count)]
+        Engine(model, count).complete(requests)
+        return f"\n{SEPARATOR}\n".join(tok.decode(r.prompt + r.tokens) for r in requests)
+    room = task.block_size + 1 - max(len(p) for p, _ in pairs)  # the last token written is never read back
+    replies = complete(model, [p for p, _ in pairs], replace(task.rules, max_tokens=room, temperature=0.0))
+    lines = []
+    for (prompt, answer), reply in zip(pairs, replies):
+        expected = "" if reply == answer else f"  (expected {tok.decode(without_stop(answer, task.rules))})"
+        lines.append(f"{tok.decode(prompt)} -> {tok.decode(without_stop(reply, task.rules))}{expected}")
+    return "\n".join(lines)
+
+
+def write_report(out_dir, model, task, config, iter_num):
+    """Write out_dir/report.md for the model at iteration iter_num with its task and the run's
+    config (a dict), from out_dir/run.json and the plots found there."""
     out = Path(out_dir)
     run = json.loads((out / "run.json").read_text(encoding="utf-8"))
     lines = [f"# Run report: {out_dir}", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary_rows(model, task, config, run)]
     lines += ["", f"## Samples (the model at iteration {iter_num})", "", "```text"]
-    lines += [task.demo(model, device), "```", "", "## Plots", ""]
+    lines += [demo(model, task), "```", "", "## Plots", ""]
     found = [name for name in PLOTS if (out / name).is_file()]
     lines += [f"![{PLOTS[name]}]({name})" for name in found] or [
         f"None yet: `pip install -e \".[plots]\"`, then `python -m model.plots --out_dir={out_dir}`."]

@@ -9,7 +9,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model.checkpoint import config_of, find_checkpoint, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from model.checkpoint import (Checkpoint, check_writable, find_checkpoint, load_checkpoint, model_from_checkpoint,
+                              tokenizer_from_checkpoint, weights_digest)
 from model.config import MODEL_FIELDS, format_config
 from model.errors import UserError
 from model.gpt import GPT, RUN_FIELDS, GPTConfig
@@ -22,11 +23,11 @@ from model.tasks import task_for_training
 @dataclass
 class Start:
     """Where the weights come from: 'scratch', 'resume' (out_dir's checkpoint) or 'finetune'
-    (another model's checkpoint), with that checkpoint, its tokenizer and its GPTConfig fields."""
+    (another model's checkpoint, at `path`), with that checkpoint and its tokenizer."""
     mode: str
-    ckpt: Optional[dict] = None
+    ckpt: Optional[Checkpoint] = None
     tokenizer: object = None
-    model_args: Optional[dict] = None
+    path: Optional[Path] = None
 
 
 @dataclass
@@ -40,16 +41,7 @@ class Run:
     iter_num: int = 0
     best_val_loss: float = float("inf")
     saved_iter: Optional[int] = None  # the iteration of the state on disk (None: nothing saved yet)
-    lora_base: Optional[str] = None  # LoRA: the base model the adapters are saved apart from
-
-
-def lora_base(cfg, start):
-    """Where a LoRA run's base lives (its checkpoint names it), or None without LoRA."""
-    if not cfg.lora_rank:
-        return None
-    if start.mode == "resume":
-        return start.ckpt["base"]
-    return str(Path(find_checkpoint(out_dir=cfg.init_from)).resolve())
+    lora: Optional[LoRAConfig] = None  # LoRA: how the adapters were made and the base they are saved apart from
 
 
 def read_start(cfg):
@@ -62,14 +54,14 @@ def read_start(cfg):
     else:
         mode, path = "finetune", find_checkpoint(out_dir=cfg.init_from)
     ckpt = load_checkpoint(path)
-    if "tokenizer" not in ckpt or "task" not in ckpt:
+    if ckpt.tokenizer is None or ckpt.task is None:
         verb = "resume" if mode == "resume" else "fine-tune from"
         raise UserError(f"{path} has no vocabulary or task (it was written by nanoGPT?), so train.py cannot "
                         f"{verb} it; sample it with: python sample.py --ckpt={path} --meta=path/to/meta.pkl")
-    if mode == "resume" and "optimizer" not in ckpt:
+    if mode == "resume" and ckpt.optimizer is None:
         raise UserError(f"{path} has no optimizer state (a converted or downloaded model), so it cannot be "
                         f"resumed; fine-tune from it with --init_from={path}")
-    return Start(mode, ckpt, tokenizer_from_checkpoint(ckpt), asdict(config_of(ckpt)))
+    return Start(mode, ckpt, tokenizer_from_checkpoint(ckpt), Path(path).resolve())
 
 
 def micro_steps(cfg, rt):
@@ -86,18 +78,6 @@ def micro_steps(cfg, rt):
         raise UserError(f"gradient_accumulation_steps={steps} must be a multiple of the number of processes "
                         f"({rt.world_size}) or less than it")
     return steps
-
-
-def check_writable(out_dir):
-    """Fail now, not after an hour of training, if checkpoints cannot be written."""
-    path = Path(out_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"out_dir {out_dir} is not writable ({e.strerror}); choose another with --out_dir") from None
 
 
 @contextmanager
@@ -125,51 +105,53 @@ def grow_vocabulary(state, vocab_size, generator):
 
 
 def build_model(cfg, start, task):
-    """The GPT for the task: new (seeded), the checkpoint's (resume: adapters and all), or another
-    model's weights (fine-tune: the position embeddings cropped to the task's block size, the
-    vocabulary grown; with --lora_rank, the base frozen and adapters added)."""
+    """(the GPT for the task, its LoRA or None): new (seeded), the checkpoint's (resume: adapters
+    and all), or another model's weights (fine-tune: the position embeddings cropped to the task's
+    block size, the vocabulary grown; with --lora_rank, the base frozen and adapters added)."""
     run_fields = {k: getattr(cfg, k) for k in RUN_FIELDS}
     torch.manual_seed(cfg.seed)
     if start.mode == "resume":
-        return model_from_checkpoint(start.ckpt, **run_fields)
-    args = {k: getattr(cfg, k) for k in MODEL_FIELDS} if start.mode == "scratch" else dict(start.model_args)
+        return model_from_checkpoint(start.ckpt, allow_changed_base=cfg.allow_changed_base, **run_fields), start.ckpt.lora
+    args = {k: getattr(cfg, k) for k in MODEL_FIELDS} if start.mode == "scratch" else asdict(start.ckpt.model_config)
     model = GPT(GPTConfig(**{**args, **run_fields, "block_size": task.block_size, "vocab_size": task.model_vocab_size}))
-    if start.mode == "finetune":
-        state = merge_adapters(model_from_checkpoint(start.ckpt)).state_dict()
-        if "transformer.wpe.weight" in state:  # learned positions; sinusoidal ones have no weights
-            state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:task.block_size]
-        grow_vocabulary(state, task.model_vocab_size, torch.Generator().manual_seed(cfg.seed))
-        model.load_state_dict(state)
-        if cfg.lora_rank:
-            add_lora(model, cfg, grown=task.model_vocab_size > start.model_args["vocab_size"])
-    return model
+    if start.mode == "scratch":
+        return model, None
+    state = merge_adapters(model_from_checkpoint(start.ckpt)).state_dict()
+    lora = cfg.lora()
+    if lora:  # the adapters are saved apart from this base: say which it is, and what its weights were
+        lora = replace(lora, base=str(start.path), base_digest=weights_digest(state))
+    if "transformer.wpe.weight" in state:  # learned positions; sinusoidal ones have no weights
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:task.block_size]
+    grow_vocabulary(state, task.model_vocab_size, torch.Generator().manual_seed(cfg.seed))
+    model.load_state_dict(state)
+    if lora:
+        add_lora(model, lora, grown=task.model_vocab_size > start.ckpt.model_config.vocab_size)
+    return model, lora
 
 
-def add_lora(model, cfg, grown):
+def add_lora(model, lora, grown):
     """Freeze the model and add adapters; embeddings grown for new tokens train too (new rows need
     learning), and the adapter checkpoint keeps them."""
-    add_adapters(model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets))
+    add_adapters(model, lora)
     if grown:
         model.transformer.wte.weight.requires_grad_(True)
         model.lm_head.weight.requires_grad_(True)
 
 
 def prepare_run(cfg):
-    """Check the config, set up devices, data, model and optimizer; print what was chosen."""
-    cfg.validate()
+    """Set up devices, data, model and optimizer for a config (load_config checked it); print what was chosen."""
     rt = setup_runtime(cfg.device, cfg.dtype)
     cfg = replace(cfg, gradient_accumulation_steps=micro_steps(cfg, rt))
     if rt.master:
-        check_writable(cfg.out_dir)
+        check_writable(cfg.out_dir, "out_dir", "choose another with --out_dir")
     start = read_start(cfg)
-    if start.mode == "resume":
-        lora = start.ckpt.get("lora") or {"rank": 0}
-        cfg = replace(cfg, task=start.ckpt["task"]["type"], **{f"lora_{k}": v for k, v in lora.items()})
+    if start.mode == "resume":  # the checkpoint decides the task and the adapters
+        cfg = replace(cfg.with_lora(start.ckpt.lora), task=start.ckpt.task["type"])
     with rank0_first(rt):
-        task = task_for_training(cfg, start)
-    model = build_model(cfg, start, task)
+        task = task_for_training(cfg.data_settings(), start)
+    model, lora = build_model(cfg, start, task)
     model.to(rt.device, dtype=torch.float64 if rt.dtype == torch.float64 else torch.float32)
-    if cfg.lora_rank and rt.dtype in (torch.bfloat16, torch.float16):
+    if lora and rt.dtype in (torch.bfloat16, torch.float16):
         store_frozen_in(model, rt.dtype)  # the base never changes: no float32 copy of it
     cfg = replace(cfg, block_size=task.block_size, **{k: getattr(model.config, k) for k in MODEL_FIELDS})
     memory = check_fits(model.config, model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -177,10 +159,10 @@ def prepare_run(cfg):
                         rt.dtype in (torch.bfloat16, torch.float16),
                         adapter_size(model, LoRAConfig(8, targets="all")), start.mode == "finetune")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
-    run = Run(cfg, rt, model, optimizer, task, lora_base=lora_base(cfg, start))
+    run = Run(cfg, rt, model, optimizer, task, lora=lora)
     if start.mode == "resume":
-        optimizer.load_state_dict(start.ckpt["optimizer"])
-        run.iter_num, run.best_val_loss = start.ckpt["iter_num"], start.ckpt["best_val_loss"]
+        optimizer.load_state_dict(start.ckpt.optimizer)
+        run.iter_num, run.best_val_loss = start.ckpt.iter_num, start.ckpt.best_val_loss
         run.saved_iter = run.iter_num
     if rt.master:
         how = {"scratch": "from scratch", "resume": f"resuming at iteration {run.iter_num}"}.get(
@@ -189,7 +171,7 @@ def prepare_run(cfg):
         print(f"device: {rt.device}{' (auto)' if cfg.device == 'auto' else ''}, dtype: "
               f"{str(rt.dtype).replace('torch.', '')}, processes: {rt.world_size}")
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        lora = f" (LoRA: {trained:,} of them train)" if cfg.lora_rank else ""
-        print(f"model: {model.num_params():,} parameters{lora}, {how}")
+        adapters = f" (LoRA: {trained:,} of them train)" if lora else ""
+        print(f"model: {model.num_params():,} parameters{adapters}, {how}")
         print(memory)
     return run

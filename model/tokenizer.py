@@ -7,8 +7,8 @@ plain data (so torch.load(weights_only=True) reads it and sample.py needs no oth
   BERT vocab.txt), through `tokenizers` too.
 
 Every kind has: vocab_size, encode(text, drop_unknown), decode(ids), unknown(text),
-start_ids(), label(id), model_vocab_size(), digest(), to_dict(), and special tokens:
-with_specials(names) and special_id(name). A special token (a chat template's role marker,
+start_ids(), label(id), model_vocab_size(), never_sampled(), digest(), to_dict(), and special
+tokens: with_specials(names), special_id(name) and special_tokens(). A special token (a chat template's role marker,
 an end-of-turn token) has an id of its own that no text ever encodes to: a text that spells
 "<|user|>" stays those characters. `tokenizers` is an optional extra (pip install -e ".[bpe]"):
 the char kind never needs it.
@@ -40,11 +40,24 @@ def visible(ch):
     return {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(ch, ch)
 
 
-def unknown_characters(missing):
-    """The error for a text with characters a vocabulary cannot spell, naming them."""
-    shown = ", ".join(repr(ch) for ch in missing[:20])
-    return UserError(f"{len(missing)} character(s) not in the vocabulary: {shown}; "
-                     f"change the text, or pass --drop_unknown=True to leave them out")
+class UnknownCharacters(UserError):
+    """A text has characters the vocabulary cannot spell (`missing`, in order of first appearance).
+    The one check every prompt goes through; the server words it for an API client."""
+
+    def __init__(self, missing):
+        self.missing = list(missing)
+        shown = ", ".join(repr(ch) for ch in self.missing[:20])
+        super().__init__(f"{len(self.missing)} character(s) not in the vocabulary: {shown}; change the text, or pass "
+                         f"--drop_unknown=True to leave them out")
+
+
+def spelled(tokenizer, text, drop_unknown=False):
+    """The text as the vocabulary can spell it: UnknownCharacters naming what it lacks, or with
+    drop_unknown the text without those characters."""
+    missing = tokenizer.unknown(text)
+    if missing and not drop_unknown:
+        raise UnknownCharacters(missing)
+    return "".join(c for c in text if c not in set(missing)) if missing else text
 
 
 # ---- characters ---------------------------------------------------------------------------
@@ -92,6 +105,9 @@ class CharTokenizer:
     def special_id(self, name):
         return self.stoi[name] if len(name) > 1 and name in self.stoi else None
 
+    def special_tokens(self):
+        return [t for t in self.itos if len(t) > 1]
+
     def start_ids(self):
         """Where a sample starts when no prompt is given: a newline (a fresh line) if the
         vocabulary has one, else its first character."""
@@ -105,10 +121,7 @@ class CharTokenizer:
         return list(dict.fromkeys(ch for ch in text if ch not in self.stoi))
 
     def encode(self, text, drop_unknown=False):
-        missing = self.unknown(text)
-        if missing and not drop_unknown:
-            raise unknown_characters(missing)
-        return [self.stoi[ch] for ch in text if ch in self.stoi]
+        return [self.stoi[ch] for ch in spelled(self, text, drop_unknown)]
 
     def encode_array(self, text):
         """encode() for large texts, in NumPy: -> int64 array. Unknown characters raise UserError."""
@@ -180,7 +193,7 @@ class HFTokenizer:
         ids = self.tok.encode(text, add_special_tokens=False).ids
         if self.unk_id is not None and self.unk_id in ids:
             if not drop_unknown:
-                raise unknown_characters(self.unknown(text))
+                raise UnknownCharacters(self.unknown(text))
             ids = [i for i in ids if i != self.unk_id]
         return ids
 
@@ -228,6 +241,9 @@ class HFTokenizer:
     def special_id(self, name):
         """The id of the special (added) token `name`, or None."""
         return next((i for i, t in self.tok.get_added_tokens_decoder().items() if t.content == name and t.special), None)
+
+    def special_tokens(self):
+        return [t.content for t in self.tok.get_added_tokens_decoder().values() if t.special]
 
     def never_sampled(self):
         """BERT's special tokens ([CLS], [SEP], [PAD], [MASK], [UNK]) mark structure, not text."""
@@ -349,37 +365,3 @@ def tokenizer_from_dict(d):
     if isinstance(d, dict) and d.get("type") in ("bpe", "file") and isinstance(d.get("json"), str):
         return HFTokenizer.from_dict(d)
     return CharTokenizer.from_dict(d)
-
-
-class StreamDecoder:
-    """Text for tokens as they come, whole characters only: a byte-level token can end inside a
-    character (Chinese is 3 bytes in UTF-8), so text waits until its bytes are complete, and no
-    U+FFFD replacement character is ever printed for one cut in two.
-
-    Each step decodes only a short window of recent ids (from `prefix`, a few tokens back, to the
-    end), not the whole sample: time linear in the sample's length. The window starts a little
-    before the new text so that the decoder sees each token's neighbours (WordPiece's spaces,
-    BERT's Chinese spacing) as it would in the whole text."""
-
-    def __init__(self, tokenizer, ids=()):
-        self.tokenizer, self.ids = tokenizer, list(ids)
-        self.prefix = max(0, len(self.ids) - 1)  # the window's start
-        self.read = len(self.ids)  # ids before this are shown
-
-    def add(self, token_id):
-        """The text this token completes ('' while a character is still unfinished)."""
-        self.ids.append(int(token_id))
-        shown = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        if text.endswith("\ufffd") or len(text) <= len(shown) or not text.startswith(shown):
-            return ""
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(shown):]
-
-    def flush(self):
-        """At the end: whatever is still held back (bytes that never completed a character show
-        as U+FFFD, as they would in the whole text's decoding)."""
-        shown = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return text[len(shown):] if text.startswith(shown) else ""

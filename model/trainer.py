@@ -17,9 +17,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model.checkpoint import model_args_of, record_latest, save_checkpoint, write_meta
+from model.checkpoint import Checkpoint, record_latest, save_checkpoint, write_meta
 from model.errors import UserError
-from model.lora import LoRAConfig, adapter_state
+from model.eval import answer_scores
+from model.lora import adapter_state
 from model.report import write_report, write_run_summary
 from model.runtime import autocast_context, end_processes, peak_memory_mb, reduce_across_ranks
 from model.schedule import get_lr
@@ -106,7 +107,7 @@ def estimate_losses(run, autocast):
 def evaluate(run, autocast):
     ev = estimate_losses(run, autocast)
     with autocast:  # in the run's precision, as training (a LoRA run's frozen base may be bfloat16)
-        ev.update(run.task.evaluate(run.model, run.rt.device))
+        ev.update(answer_scores(run.model, run.task))
     return ev
 
 
@@ -116,22 +117,11 @@ def run_config(run):
     return {**asdict(run.cfg), "dataset": str(Path(run.cfg.out_dir).resolve())}
 
 
-def checkpoint_dict(run):
-    model_args, model_extra = model_args_of(run.model.config)
-    lora = {"lora": LoRAConfig(run.cfg.lora_rank, run.cfg.lora_alpha, run.cfg.lora_dropout, run.cfg.lora_targets
-                               ).to_dict(), "base": run.lora_base} if run.lora_base else {}
-    return {
-        **lora,  # an adapter checkpoint: its base's path, and (as "model") only what trained
-        "model": adapter_state(run.model) if lora else run.model.state_dict(),
-        "model_args": model_args,  # exactly nanoGPT's GPTConfig fields
-        "model_extra": model_extra,  # the rest of ours (nanoGPT ignores it)
-        "optimizer": run.optimizer.state_dict(),
-        "iter_num": run.iter_num,
-        "best_val_loss": run.best_val_loss,
-        "config": run_config(run),
-        "tokenizer": run.task.tokenizer.to_dict(),
-        "task": run.task.state(),
-    }
+def checkpoint_of(run):
+    """The run as a Checkpoint; an adapter checkpoint holds only what trained (its base is named in lora)."""
+    return Checkpoint(adapter_state(run.model) if run.lora else run.model.state_dict(), run.model.config,
+                      run.task.tokenizer.to_dict(), run.task.state(), run.iter_num, run.best_val_loss,
+                      run.optimizer.state_dict(), run_config(run), run.lora)
 
 
 def save(run):
@@ -139,7 +129,7 @@ def save(run):
     fails (a full disk) says which checkpoint is still intact."""
     path = Path(run.cfg.out_dir) / "ckpt.pt"
     try:
-        save_checkpoint(checkpoint_dict(run), path)
+        save_checkpoint(checkpoint_of(run), path)
         write_meta(run.task.tokenizer, path.parent / "meta.pkl")
         record_latest(path)
     except UserError as e:
@@ -301,9 +291,9 @@ def evaluate_and_save(run, progress, autocast):
     if run.rt.master and (improved or run.cfg.always_save_checkpoint):
         progress.summary["checkpoint"] = str(save(run))
     progress.last, progress.last_iter = time.time(), run.iter_num  # tokens/s counts training steps, not evaluation
-    solved = run.task.solved(ev)
-    if run.cfg.stop_at_full_accuracy and solved:
-        progress.summary["stopped"] = solved
+    scored = "heldout_acc" if "heldout_acc" in ev else "train_acc"  # nothing held out: the training answers
+    if run.cfg.stop_at_full_accuracy and ev.get(scored) == 1.0:
+        progress.summary["stopped"] = f"{scored} 100%"
         return True
     return False
 
@@ -328,8 +318,7 @@ def finish(run, progress):
                                             "loop_started_at": progress.start,
                                             "peak_memory_mb": peak_memory_mb(rt.device_type)})
         with autocast_context(rt.device_type, rt.dtype):
-            summary["report"] = str(write_report(run.cfg.out_dir, run.model, run.task, run_config(run), run.iter_num,
-                                                 rt.device))
+            summary["report"] = str(write_report(run.cfg.out_dir, run.model, run.task, run_config(run), run.iter_num))
         print(f"stopped after {run.iter_num} iterations ({summary['stopped']}) in {summary['wall_s']:.1f}s; "
               f"checkpoint: {summary['checkpoint']}; report: {summary['report']}")
     return summary

@@ -32,7 +32,7 @@ from model.config import WalkthroughConfig, load_config, run_command
 from model.errors import UserError
 from model.gpt import causal_mask, rotate
 from model.tasks import ChatTask
-from model.tokenizer import visible
+from model.tokenizer import UnknownCharacters, visible
 
 TOLERANCE = 1e-9  # |reference - torch| <= TOLERANCE * (1 + |torch|), both float64
 TEMPERATURES = (0.5, 1.0, 2.0)
@@ -413,18 +413,18 @@ def run(cfg):
 
 def compute(cfg):
     """(checkpoint path, steps, info) for the config's checkpoint and input, every step checked."""
-    opened = open_model(cfg.out_dir, cfg.ckpt, meta=cfg.meta, quiet=True)
+    opened = open_model(cfg, quiet=True)
     path, model, tokenizer = opened.path, opened.model.double(), opened.tokenizer
     if tokenizer is None:
         raise UserError("this checkpoint has no vocabulary (a nanoGPT checkpoint?); pass --meta=path/to/meta.pkl")
     if not cfg.start:
         example = tokenizer.decode(range(min(3, tokenizer.vocab_size))) if tokenizer.kind == "char" else "Hello"
         raise UserError(f"give the input to walk through with --start, e.g. --start={example!r}")
-    unknown = tokenizer.unknown(cfg.start + cfg.reply)
-    if unknown:
-        raise UserError(f"--start has characters the model does not know: {''.join(unknown)!r}; "
-                        f"its vocabulary has {tokenizer.vocab_size} tokens")
-    ids, answer = input_ids(cfg, opened)
+    try:
+        ids, answer = input_ids(cfg, opened)
+    except UnknownCharacters as e:
+        raise UserError(f"--start has characters the model does not know: {''.join(e.missing)!r}; "
+                        f"its vocabulary has {tokenizer.vocab_size} tokens") from None
     if len(ids) > model.config.block_size:
         raise UserError(f"--start has {len(ids)} tokens; this model reads at most block_size="
                         f"{model.config.block_size}")

@@ -58,7 +58,7 @@ def assert_writes_each_line(out_dir):
     """The model in out_dir continues each line of data/chinese from its first three characters
     (greedy), as the corpus configs promise. Returns the model for further checks."""
     from model.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-    from model.sampling import generate
+    from model.engine import generate
     ckpt = load_checkpoint(out_dir / "ckpt.pt")
     model, tok = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt)
     for line in (ROOT / "data" / "chinese" / "input.txt").read_text(encoding="utf-8").splitlines():

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +17,9 @@ import sample as sample_cli
 import train as train_cli
 from conftest import CHAT_DATA, ROOT, run_training, working_dir
 from model.checkpoint import load_checkpoint, open_model
-from model.tasks.chat import ChatTemplate
+from model.engine import complete
+from model.tasks.template import ChatTemplate
+from model.terminal import fit
 from model.tokenizer import CharTokenizer, tokenizer_from_dict
 
 SMALL = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--block_size=48", "--batch_size=4", "--eval_iters=1"]
@@ -132,10 +135,10 @@ def test_a_reply_stops_at_the_end_of_turn(trained_numerals, capsys):
     out, _ = trained_numerals
     assert sample_cli.main([f"--out_dir={out}", "--start=1010", "--temperature=0", "--num_samples=1"]) == 0
     assert capsys.readouterr().out == "一千零一十\n"
-    opened = open_model(out_dir=out, quiet=True)
+    opened = open_model(out, quiet=True)
     task = opened.task
-    ids, room, _ = task.fit([{"role": "user", "content": "305"}], 50)
-    row = task.generate(opened.model, torch.tensor([ids]), room)[0, len(ids):].tolist()
+    ids, room, _ = fit(task, [{"role": "user", "content": "305"}], 50)
+    row = complete(opened.model, [ids], replace(task.rules, max_tokens=room, temperature=0))[0]
     assert row == opened.tokenizer.encode("三百零五") + [task.end], "stops right after the end of turn"
 
 
@@ -150,9 +153,9 @@ def test_the_chat_model_answers_its_conversations(trained_chat, capsys):
 
 def test_chat_from_a_pipe_keeps_the_history(trained_chat, monkeypatch, capsys):
     """Bug: each turn answered without the turns before it, or the template's tokens printed."""
-    from model.tasks.chat import ChatTask
-    prompts, real = [], ChatTask.fit
-    monkeypatch.setattr(ChatTask, "fit", lambda self, messages, n: prompts.append(list(messages)) or real(self, messages, n))
+    import model.terminal as terminal
+    prompts, real = [], terminal.fit
+    monkeypatch.setattr(terminal, "fit", lambda task, messages, n: prompts.append(list(messages)) or real(task, messages, n))
     monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n天行健的下一句是什么?\n谢谢\n"))
     assert sample_cli.main([f"--out_dir={trained_chat}", "--chat", "--temperature=0"]) == 0
     assert capsys.readouterr().out.splitlines() == ["你好!我是一个很小的GPT,有什么可以帮你?", "君子以自强不息。", "不客气!"]
@@ -199,12 +202,14 @@ def test_finetune_a_text_model_on_pairs(trained_chinese, tmp_path):
         summary = run_training("finetune.py", tmp_path / "ft", f"--init_from={base / 'out' / 'chinese'}",
                                f"--data={data}", "--max_iters=60", "--eval_interval=60", "--log_interval=1",
                                "--val_fraction=0")
-    old = load_checkpoint(base / "out" / "chinese" / "ckpt.pt")["tokenizer"]["itos"]
-    new = load_checkpoint(tmp_path / "ft" / "ckpt.pt")["tokenizer"]["itos"]
+    old = load_checkpoint(base / "out" / "chinese" / "ckpt.pt").tokenizer["itos"]
+    new = load_checkpoint(tmp_path / "ft" / "ckpt.pt").tokenizer["itos"]
     assert new[:len(old)] == old and new[len(old):] == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]) and summary["heldout_acc"] is not None
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3]) and summary["train_acc"] is not None
+    evaluations = [r for r in rows if "val_loss" in r]
+    assert all("heldout_acc" not in r for r in evaluations), "nothing is held out (val_fraction=0): no held-out score"
 
 
 # ---- out to transformers ------------------------------------------------------------------
@@ -217,7 +222,7 @@ def test_transformers_reads_the_template_and_stops_where_we_do(trained_chat, tmp
     assert convert_main([str(trained_chat), str(tmp_path / "hf"), "--to=hf"]) == 0
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    opened = open_model(out_dir=trained_chat, quiet=True)
+    opened = open_model(trained_chat, quiet=True)
     task = opened.task
     for messages in conversations()[::5]:
         prompt = messages[:-1]
@@ -228,7 +233,7 @@ def test_transformers_reads_the_template_and_stops_where_we_do(trained_chat, tmp
         whole, _ = task.template.encode(opened.tokenizer, messages)
         assert hf_tok.apply_chat_template(messages, tokenize=False) == opened.tokenizer.decode(whole)
         room = task.block_size - len(ours)
-        reply = task.generate(opened.model, torch.tensor([ours]), room)[0, len(ours):].tolist()
+        reply = complete(opened.model, [ours], replace(task.rules, max_tokens=room, temperature=0))[0]
         out = hf_model.generate(torch.tensor([ours]), max_new_tokens=room, do_sample=False)[0, len(ours):].tolist()
         assert out == reply[:reply.index(task.end) + 1], "transformers stops at the end of turn, as we do"
 

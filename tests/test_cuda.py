@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT, random_model, run_training, train_args, working_dir
 from model.checkpoint import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
-from model.sampling import generate
+from model.engine import generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -75,9 +75,9 @@ def test_bf16_autocast_run_learns_the_corpus(bf16_run):
     out, summary = bf16_run
     assert summary["train_loss"] < 0.1, f"bf16 run ended at train loss {summary['train_loss']:.4f}"
     ckpt = load_checkpoint(out / "ckpt.pt")
-    assert ckpt["config"]["dtype"] == "bfloat16"
-    assert all(v.dtype == torch.float32 for v in ckpt["model"].values()), "weights stay float32 under autocast"
-    assert "fused" in ckpt["optimizer"]["param_groups"][0] and ckpt["optimizer"]["param_groups"][0]["fused"]
+    assert ckpt.config["dtype"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for v in ckpt.model.values()), "weights stay float32 under autocast"
+    assert "fused" in ckpt.optimizer["param_groups"][0] and ckpt.optimizer["param_groups"][0]["fused"]
     model, tok = model_from_checkpoint(ckpt, "cuda"), tokenizer_from_checkpoint(ckpt)
     corpus = (ROOT / "data" / "chinese" / "input.txt").read_text(encoding="utf-8")
     for line in corpus.splitlines():

@@ -65,7 +65,7 @@ def test_two_gloo_processes_match_one_process_and_resume_in_one(one_process, tmp
     got = losses(out)
     for it in range(1, 9):
         assert abs(got[it] - expected[it]) < 1e-6, f"iteration {it} after resuming: {got[it]} vs {expected[it]}"
-    final, straight = load_checkpoint(out / "ckpt.pt")["model"], load_checkpoint(one_process / "ckpt.pt")["model"]
+    final, straight = load_checkpoint(out / "ckpt.pt").model, load_checkpoint(one_process / "ckpt.pt").model
     for name in straight:
         torch.testing.assert_close(final[name], straight[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 

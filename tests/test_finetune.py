@@ -41,7 +41,7 @@ def test_vocabulary_grows_and_old_embeddings_are_kept_at_iteration_0(trained_chi
     assert tok.itos[:old_tok.vocab_size] == old_tok.itos, "known characters keep their ids"
     assert set(tok.itos[old_tok.vocab_size:]) == new_chars and new_chars
     wte = run.model.transformer.wte.weight.detach().cpu()
-    assert torch.equal(wte[:old_tok.vocab_size], old["model"]["transformer.wte.weight"]), "learned rows unchanged"
+    assert torch.equal(wte[:old_tok.vocab_size], old.model["transformer.wte.weight"]), "learned rows unchanged"
     fresh = wte[old_tok.vocab_size:]
     assert abs(fresh.std().item() - 0.02) < 0.003, "new rows start like fresh embeddings, N(0, 0.02)"
     assert run.model.config.block_size == 24, "block_size=0 keeps the base model's"
@@ -51,7 +51,7 @@ def test_vocabulary_grows_and_old_embeddings_are_kept_at_iteration_0(trained_chi
 def test_block_size_can_shrink_not_grow(trained_chinese, tmp_path):
     base, _ = trained_chinese
     run = prepare_run(load_config(TrainConfig, finetune_args(base, tmp_path / "a", "--block_size=16")))
-    old = load_checkpoint(base / "out" / "chinese" / "ckpt.pt")["model"]["transformer.wpe.weight"]
+    old = load_checkpoint(base / "out" / "chinese" / "ckpt.pt").model["transformer.wpe.weight"]
     assert torch.equal(run.model.transformer.wpe.weight.detach().cpu(), old[:16]), "position embeddings cropped"
     with pytest.raises(UserError, match="block_size=32 is larger than the base model's 24"):
         prepare_run(load_config(TrainConfig, finetune_args(base, tmp_path / "b", "--block_size=32")))
@@ -79,7 +79,7 @@ def test_a_finetune_can_be_resumed(finetuned):
                                                                "--lr_decay_iters=150")))
     assert summary["iter_num"] == 160
     ckpt = load_checkpoint(out / "ckpt.pt")
-    assert ckpt["config"]["init_from"] == "resume" and ckpt["model_args"]["vocab_size"] == len(ckpt["tokenizer"]["itos"])
+    assert ckpt.config["init_from"] == "resume" and ckpt.model_config.vocab_size == len(ckpt.tokenizer["itos"])
 
 
 @pytest.mark.parametrize("arch", [["--positions=sinusoidal", "--norm=post", "--activation=relu"], ["--head=untied"]],
@@ -92,7 +92,7 @@ def test_models_of_every_architecture_can_be_fine_tuned(arch, tmp_path):
                                         f"--out_dir={tmp_path / 'base'}", *small, *arch]))
         run = prepare_run(load_config(TrainConfig, [str(ROOT / "configs" / "finetune.py"), f"--data={POEMS}",
                                                     f"--init_from={tmp_path / 'base'}", f"--out_dir={tmp_path / 'ft'}"]))
-    base = load_checkpoint(tmp_path / "base" / "ckpt.pt")["model"]
+    base = load_checkpoint(tmp_path / "base" / "ckpt.pt").model
     known = base["transformer.wte.weight"].size(0)
     model = run.model.cpu()
     assert model.config.vocab_size > known, "the poems' new characters joined the vocabulary"

@@ -73,7 +73,7 @@ def prompt_of(name):
 
 @pytest.mark.parametrize("name", ["english", "chinese", "eps"])
 def test_logits_equal_transformers(name, folders):
-    ours = open_model(ckpt=folders[name], quiet=True)
+    ours = open_model(folders[name], quiet=True)
     ids = torch.tensor([ours.tokenizer.encode(prompt_of(name))])
     theirs32 = hf_model(folders[name])
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_greedy_sample_py_equals_transformers_generate(name, folders, capsys):
 @pytest.mark.parametrize("name", ["english", "chinese"])
 def test_tokenizer_ids_equal_transformers(name, folders):
     text = MIXED if name == "english" else "天行健,君子以自强不息。\n地势坤,君子以厚德载物。"
-    ours = open_model(ckpt=folders[name], quiet=True).tokenizer
+    ours = open_model(folders[name], quiet=True).tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(folders[name])
     assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids
 
@@ -149,14 +149,14 @@ def test_hf_to_ours_to_hf_is_exact(folders, tmp_path):
     b = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     assert a(MIXED).input_ids == b(MIXED).input_ids
     ckpt = load_checkpoint(tmp_path / "ours" / "ckpt.pt")
-    assert ckpt["config"]["converted_from"] == str(folders["english"].resolve()), "says where it came from"
+    assert ckpt.config["converted_from"] == str(folders["english"].resolve()), "says where it came from"
 
 
 def test_ours_to_hf_to_ours_is_exact_and_transformers_runs_it(trained_chinese, tmp_path):
     base, _ = trained_chinese
     run = base / "out" / "chinese"
     assert convert_main([str(run), str(tmp_path / "hf"), "--to=hf"]) == 0
-    ours = open_model(out_dir=run, quiet=True)
+    ours = open_model(run, quiet=True)
     theirs = hf_model(tmp_path / "hf")
     text = "天行健,君子以自强不息\n"
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -168,10 +168,10 @@ def test_ours_to_hf_to_ours_is_exact_and_transformers_runs_it(trained_chinese, t
     assert convert_main([str(tmp_path / "hf"), str(tmp_path / "again")]) == 0
     again = load_checkpoint(tmp_path / "again" / "ckpt.pt")
     original = load_checkpoint(run / "ckpt.pt")
-    assert set(again["model"]) == set(original["model"])
-    for k, v in original["model"].items():
-        assert torch.equal(again["model"][k], v), f"{k} changed on the way ours -> hf -> ours"
-    assert open_model(ckpt=tmp_path / "again", quiet=True).tokenizer.encode(text) == ours.tokenizer.encode(text)
+    assert set(again.model) == set(original.model)
+    for k, v in original.model.items():
+        assert torch.equal(again.model[k], v), f"{k} changed on the way ours -> hf -> ours"
+    assert open_model(tmp_path / "again", quiet=True).tokenizer.encode(text) == ours.tokenizer.encode(text)
 
 
 def test_a_nanogpt_checkpoint_converts_with_its_meta_pkl(tmp_path, capsys):
@@ -188,7 +188,7 @@ def test_a_nanogpt_checkpoint_converts_with_its_meta_pkl(tmp_path, capsys):
     assert sample_cli.main([f"--ckpt={tmp_path / 'ours'}", "--start=ab", "--max_new_tokens=8", "--num_samples=1"]) == 0
     assert set(capsys.readouterr().out) <= set("\nabcd")
     logits = hf_model(tmp_path / "hf")(torch.tensor([[1, 2]])).logits
-    mine = open_model(ckpt=tmp_path / "ours", quiet=True).model(torch.tensor([[1, 2]]))[0]
+    mine = open_model(tmp_path / "ours", quiet=True).model(torch.tensor([[1, 2]]))[0]
     torch.testing.assert_close(logits, mine, rtol=0, atol=1e-5)
 
 
@@ -207,14 +207,14 @@ def test_finetune_a_bert_vocabulary_model_grows_it_and_learns(folders, tmp_path,
         dropped_err = capsys.readouterr().err
     new = set(corpus) - set(BERT_VOCAB) - set(" \n")
     assert "characters of the text join the vocabulary as new tokens" in err
-    grown = open_model(out_dir=tmp_path / "grown", quiet=True)
+    grown = open_model(tmp_path / "grown", quiet=True)
     assert grown.tokenizer.vocab_size == len(BERT_VOCAB) + len(new), "each new character got an id"
     assert grown.tokenizer.unknown(corpus) == [] and grown.tokenizer.encode("床前")
     rows = [json.loads(line) for line in (tmp_path / "grown" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5]), f"the loss did not fall: {losses[:5]} -> {losses[-10:]}"
     assert "are not in the vocabulary and are left out (--drop_unknown)" in dropped_err
-    assert open_model(out_dir=tmp_path / "dropped", quiet=True).tokenizer.vocab_size == len(BERT_VOCAB)
+    assert open_model(tmp_path / "dropped", quiet=True).tokenizer.vocab_size == len(BERT_VOCAB)
 
 
 def test_the_gpt2_fine_tune_config_runs_on_a_gpt2_folder(folders, tmp_path, capsys):
@@ -257,9 +257,9 @@ def test_what_we_do_not_compute_is_refused_naming_the_field(field, value, messag
 def test_convert_refuses_to_overwrite_or_to_export_a_sorter(trained_sort, folders, tmp_path, capsys):
     base, _ = trained_sort
     assert convert_main([str(base / "out" / "sort"), str(tmp_path / "hf"), "--to=hf"]) == 2
-    assert "is a sort model; a GPT-2 folder holds text and chat models only" in capsys.readouterr().err
+    assert "is a sort model; a Hugging Face folder holds text and chat models only" in capsys.readouterr().err
     assert convert_main([str(folders["english"]), str(folders["chinese"]), "--to=hf"]) == 2
-    assert "already holds a model; choose another DEST" in capsys.readouterr().err
+    assert "already holds model.safetensors, config.json" in capsys.readouterr().err
     assert convert_main(["--to=hf"]) == 2 and "usage: python -m model.convert" in capsys.readouterr().err
 
 
@@ -286,10 +286,10 @@ def test_finetune_a_gpt2_folder_on_conversations(name, end, folders, tmp_path):
             "--val_fraction=0", f"--out_dir={tmp_path / 'ft'}"]
     with working_dir(tmp_path):
         assert train_cli.main(args) == 0
-    opened = open_model(out_dir=tmp_path / "ft", quiet=True)
+    opened = open_model(tmp_path / "ft", quiet=True)
     template, tok = opened.task.template, opened.tokenizer
     assert template.end_of_turn == end and opened.task.end == tok.tok.token_to_id(end)
-    base_vocab = open_model(ckpt=folders[name], quiet=True).tokenizer.vocab_size
+    base_vocab = open_model(folders[name], quiet=True).tokenizer.vocab_size
     assert tok.vocab_size == base_vocab + 3, "three role markers added; the end of turn is the vocabulary's own"
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]

@@ -3,6 +3,7 @@ built here, offline: tiny random models (grouped-query attention, rope_theta oth
 tied and untied heads, Qwen3's head_dim apart from n_embd / n_head) and a byte-level BPE."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from model.checkpoint import open_model
 from model.convert import main as convert_main
 from model.errors import UserError
 from model.hf import read_folder
-from model.sampling import generate
+from model.engine import complete, generate
+from model.terminal import fit
 
 transformers = pytest.importorskip("transformers")  # the [hf] extra; CI installs it, so nothing skips there
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
@@ -87,7 +89,7 @@ def ids(n=20, seed=0):
 @pytest.mark.parametrize("name", ARCHS)
 def test_logits_equal_transformers_in_float64(name, folders, exact_transformers):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folders[name]).double().eval()
-    ours = open_model(ckpt=folders[name], quiet=True).model.double()
+    ours = open_model(folders[name], quiet=True).model.double()
     x = ids()
     with torch.no_grad():
         expected = theirs(x).logits
@@ -98,7 +100,7 @@ def test_logits_equal_transformers_in_float64(name, folders, exact_transformers)
 @pytest.mark.parametrize("name", ARCHS)
 def test_logits_and_greedy_text_equal_transformers_in_float32(name, folders):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folders[name]).eval()
-    opened = open_model(ckpt=folders[name], quiet=True)
+    opened = open_model(folders[name], quiet=True)
     x = ids(12)
     with torch.no_grad():
         expected = theirs(x).logits
@@ -109,12 +111,12 @@ def test_logits_and_greedy_text_equal_transformers_in_float32(name, folders):
 
 
 def test_the_config_says_what_was_read(folders):
-    qwen3 = read_folder(folders["qwen3"])
-    assert qwen3["model_args"]["n_embd"] == 32 and qwen3["model_extra"]["head_dim"] == 12
-    assert qwen3["model_extra"]["n_kv_head"] == 2 and qwen3["model_extra"]["qk_norm"] is True
-    qwen2 = read_folder(folders["qwen2"])["model_extra"]
+    qwen3 = read_folder(folders["qwen3"]).config
+    assert qwen3["n_embd"] == 32 and qwen3["head_dim"] == 12
+    assert qwen3["n_kv_head"] == 2 and qwen3["qk_norm"] is True
+    qwen2 = read_folder(folders["qwen2"]).config
     assert qwen2["qkv_bias"] is True and qwen2["head"] == "tied" and qwen2["rope_theta"] == 1e6
-    assert read_folder(folders["llama"])["model_extra"]["head"] == "untied"
+    assert read_folder(folders["llama"]).config["head"] == "untied"
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -171,7 +173,7 @@ def test_finetune_a_qwen2_folder_and_its_loss_falls(folders, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), f"the loss did not fall: {losses[:3]} -> {losses[-5:]}"
-    opened = open_model(out_dir=tmp_path / "ft", quiet=True)
+    opened = open_model(tmp_path / "ft", quiet=True)
     assert opened.model.config.qkv_bias and opened.model.config.n_kv_head == 1
 
 
@@ -207,7 +209,7 @@ def chatml(tmp_path_factory):
 
 def test_a_folders_chat_template_gives_transformers_prompt_ids(chatml):
     from model.tasks import chat_task
-    opened = open_model(ckpt=chatml, quiet=True)
+    opened = open_model(chatml, quiet=True)
     task = chat_task(opened.ckpt, opened.task)
     hf_tok = transformers.AutoTokenizer.from_pretrained(chatml)
     for messages in (TALK, TALK[:1], [{"role": "system", "content": "Be brief."}] + TALK):
@@ -221,16 +223,17 @@ def test_a_folders_chat_template_gives_transformers_prompt_ids(chatml):
 
 def test_chat_with_a_folder_stops_where_transformers_does(chatml):
     from model.tasks import chat_task
-    opened = open_model(ckpt=chatml, quiet=True)
+    opened = open_model(chatml, quiet=True)
     task = chat_task(opened.ckpt, opened.task)
     hf = transformers.AutoModelForCausalLM.from_pretrained(chatml).eval()
     end = opened.tokenizer.tok.token_to_id("<|im_end|>")
     assert task.end == end
-    ids, room, _ = task.fit(TALK, 40)
-    ours = task.generate(opened.model, torch.tensor([ids]), room)[0, len(ids):].tolist()
+    ids, room, _ = fit(task, TALK, 40)
+    ours = complete(opened.model, [ids], replace(task.rules, max_tokens=room, temperature=0))[0]
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=room, do_sample=False, eos_token_id=end,
-                         pad_token_id=end)[0, len(ids):].tolist()
-    assert theirs == (ours[:ours.index(end) + 1] if end in ours else ours)
+                         pad_token_id=end, bad_words_ids=[[i] for i in task.rules.banned])[0, len(ids):].tolist()
+    assert task.rules.banned == (opened.tokenizer.tok.token_to_id("<|im_start|>"),), "ChatML's marker is never drawn"
+    assert theirs == ours
 
 
 def test_chat_and_fine_tune_a_folder_with_its_own_template(chatml, tmp_path, capsys, monkeypatch):
@@ -248,7 +251,7 @@ def test_chat_and_fine_tune_a_folder_with_its_own_template(chatml, tmp_path, cap
             "--block_size=64", "--val_fraction=0", f"--out_dir={tmp_path / 'ft'}"]
     with working_dir(tmp_path):
         assert train_cli.main(args) == 0
-    opened = open_model(out_dir=tmp_path / "ft", quiet=True)
+    opened = open_model(tmp_path / "ft", quiet=True)
     assert opened.task.template.source == CHATML and opened.task.template.end_of_turn == "<|im_end|>"
     rows = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -284,15 +287,15 @@ def test_a_served_folder_answers_as_transformers_generates(chatml):
     API give transformers' greedy reply. Catches a folder's template or end of turn lost in serving."""
     from test_serve import serving
     from model.tasks import chat_task
-    opened = open_model(ckpt=chatml, quiet=True)
+    opened = open_model(chatml, quiet=True)
     task = chat_task(opened.ckpt, opened.task)
     hf = transformers.AutoModelForCausalLM.from_pretrained(chatml).eval()
     ids = task.template.encode(opened.tokenizer, TALK[:1], generation_prompt=True)[0]
     room = opened.model.config.block_size + 1 - len(ids)  # what may follow the prompt in the context
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=room, do_sample=False, eos_token_id=task.end,
-                         pad_token_id=task.end)[0, len(ids):].tolist()
+                         pad_token_id=task.end, bad_words_ids=[[i] for i in task.rules.banned])[0, len(ids):].tolist()
     with serving(chatml) as running:
         answer = running.client().chat.completions.create(model="qwen", messages=TALK[:1], max_tokens=room, temperature=0)
-    assert answer.choices[0].message.content == task.reply_text(theirs)
+    assert answer.choices[0].message.content == opened.tokenizer.decode([t for t in theirs if t != task.end])
     assert answer.choices[0].finish_reason == ("stop" if task.end in theirs else "length")
     assert answer.usage.prompt_tokens == len(ids)

@@ -36,7 +36,7 @@ def test_the_visualisations_sorter_sorts_every_input(imported, capsys):
     assert sample_cli.main([f"--ckpt={imported}", "--eval"]) == 0
     out = capsys.readouterr().out
     assert "all inputs: 100.0% of 729 sorted exactly (the split this model was trained with is unknown" in out
-    model = open_model(ckpt=imported, quiet=True).model
+    model = open_model(imported, quiet=True).model
     assert model.num_params() == 85_728 and model.config.head == "untied" and model.config.activation == "gelu_tanh"
 
 
@@ -58,7 +58,7 @@ def test_partials_are_the_reference_forward_pass(imported, tmp_path):
     idx = parts["idx"].numpy().astype(np.int64)
     assert idx.tolist() == [[2, 1, 0, 1, 1, 2, 0, 1, 1, 1, 2], [0, 1, 2, 0, 1, 2, 0, 0, 1, 1, 2]], \
         "each row: the input, then the model's greedy answer (its first five letters)"
-    model = open_model(ckpt=imported, quiet=True).model
+    model = open_model(imported, quiet=True).model
     _, _, acts = ref.forward(ref.params_from_state_dict(model.state_dict()), model.config, idx)
     a = acts["layer0"]
     expected = {"tok_emb": acts["tok_emb"], "pos_emb": acts["pos_emb"][None], "x": acts["x0"], "ln1": a["ln_1"],
@@ -77,7 +77,7 @@ def test_our_sorter_exports_with_a_note_when_it_computes_differently(trained_sor
     base, _ = trained_sort
     assert convert_main([str(base / "out" / "sort"), str(tmp_path), "--to=llmviz"]) == 0
     assert "note:" not in capsys.readouterr().err, "configs/sort.py computes what the visualisation computes"
-    ckpt = load_checkpoint(base / "out" / "sort" / "ckpt.pt")
+    ckpt = torch.load(base / "out" / "sort" / "ckpt.pt", weights_only=True)
     ckpt["model_extra"]["activation"] = "gelu"
     torch.save(ckpt, tmp_path / "exact.pt")
     assert convert_main([str(tmp_path / "exact.pt"), str(tmp_path / "exact"), "--to=llmviz"]) == 0

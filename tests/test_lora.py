@@ -46,15 +46,15 @@ def test_only_the_adapters_learn_and_the_checkpoint_holds_only_them(trained_chin
     summary = lora_run(base, tmp_path / "lora", "--max_iters=30", "--eval_interval=30", "--learning_rate=1e-2")
     ckpt = load_checkpoint(tmp_path / "lora" / "ckpt.pt")
     base_ckpt = load_checkpoint(base / "out" / "chinese" / "ckpt.pt")
-    assert ckpt["base"] == str((base / "out" / "chinese" / "ckpt.pt").resolve())
-    assert ckpt["model"] and all(".lora_A." in k or ".lora_B." in k for k in ckpt["model"])
-    assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"]), "AdamW state for the adapters only"
+    assert ckpt.lora.base == str((base / "out" / "chinese" / "ckpt.pt").resolve())
+    assert ckpt.model and all(".lora_A." in k or ".lora_B." in k for k in ckpt.model)
+    assert len(ckpt.optimizer["state"]) == len(ckpt.model), "AdamW state for the adapters only"
     size, base_size = (tmp_path / "lora" / "ckpt.pt").stat().st_size, (base / "out" / "chinese" / "ckpt.pt").stat().st_size
     assert size < base_size / 2, f"adapter checkpoint {size} bytes, base {base_size}"
     model = model_from_checkpoint(ckpt)
     for name, p in model.named_parameters():
         if ".lora_" not in name:
-            assert torch.equal(p, base_ckpt["model"][name]), f"{name}: a base weight changed"
+            assert torch.equal(p, base_ckpt.model[name]), f"{name}: a base weight changed"
     assert summary["loss"] < 1.0
 
 
@@ -66,9 +66,9 @@ def test_an_adapter_checkpoint_resumes_exactly(trained_chinese, tmp_path):
         run_training("finetune.py", tmp_path / "halves", "--init_from=resume", f"--data={ROOT / 'data' / 'chinese'}",
                      "--val_fraction=0", "--max_iters=6", "--eval_interval=3", *LORA[3:])
     a, b = (load_checkpoint(tmp_path / n / "ckpt.pt") for n in ("straight", "halves"))
-    assert b["iter_num"] == 6 and b["lora"] == a["lora"]
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), f"{k} differs after resume"
+    assert b.iter_num == 6 and b.lora == a.lora
+    for k, v in a.model.items():
+        assert torch.equal(v, b.model[k]), f"{k} differs after resume"
 
 
 # peft itself still calls a transformers API that transformers 5 deprecates; our code does not
@@ -190,4 +190,4 @@ def test_lora_under_bfloat16_keeps_the_frozen_base_in_bfloat16(trained_chinese, 
                        "--device=cpu", "--dtype=bfloat16")
     assert summary["loss"] < 1.0
     ckpt = load_checkpoint(tmp_path / "bf16" / "ckpt.pt")
-    assert {v.dtype for v in ckpt["model"].values()} == {torch.float32}
+    assert {v.dtype for v in ckpt.model.values()} == {torch.float32}

@@ -9,7 +9,7 @@ import torch
 from conftest import EXPLAINER_ARCH, LLAMA_ARCH, MINGPT_ARCH, QWEN2_ARCH, QWEN3_ARCH, SORT_MODEL, random_model
 from model import GPT, GPTConfig
 from model import reference as ref
-from model.checkpoint import model_from_checkpoint
+from model.checkpoint import Checkpoint, model_from_checkpoint
 
 CONFIGS = [  # (config, T): bias on/off, 1 to 4 heads, both GELU forms, T shorter than block_size
     (dict(n_layer=2, n_head=1, n_embd=8, vocab_size=7, block_size=9, bias=True, activation="gelu"), 9),
@@ -163,7 +163,7 @@ def test_nanogpt_state_dict_loads_with_same_logits():
     for i in range(2):
         nano[f"_orig_mod.transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(8, 8)).view(1, 1, 8, 8)
     model_args = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, bias=True, vocab_size=13, dropout=0.0)
-    loaded = model_from_checkpoint({"model": nano, "model_args": model_args}).eval()
+    loaded = model_from_checkpoint(Checkpoint.from_dict({"model": nano, "model_args": model_args})).eval()
     idx, _ = batch(cfg, 8)
     torch.testing.assert_close(loaded(idx)[0], source(idx)[0], rtol=0, atol=0)
 

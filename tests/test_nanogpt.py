@@ -126,7 +126,7 @@ def test_our_checkpoint_runs_in_nanogpts_sample_py(trained_chinese):
     base, _ = trained_chinese
     path = base / "out" / "chinese" / "ckpt.pt"
     nano, meta = load_like_nanogpt(path)
-    ours = open_model(ckpt=path, quiet=True)
+    ours = open_model(path, quiet=True)
     text = "天行健,君子以"
     ids = [meta["stoi"][c] for c in text]
     assert ids == ours.tokenizer.encode(text), "meta.pkl holds our vocabulary, id for id"

@@ -86,7 +86,7 @@ def test_text_plots_and_bad_prompt(trained_chinese, tmp_path, capsys):
     assert plots_main([f"--out_dir={run}", "--start=天行健,君子"]) == 0
     assert png_size(run / "attention.png")[0] >= 400
     assert plots_main([f"--out_dir={run}", "--start=hello"]) == 2
-    assert "the prompt has characters the model does not know: 'helo'" in capsys.readouterr().err
+    assert "--start has characters the model does not know: 'helo'" in capsys.readouterr().err
 
 
 def test_a_converted_checkpoint_without_metrics_gets_attention_maps_only(tmp_path, capsys):

@@ -18,7 +18,8 @@ import torch
 import sample as sample_cli
 import train as train_cli
 from conftest import ROOT, nanogpt_checkpoint, train_args
-from model.checkpoint import load_checkpoint, save_checkpoint, tokenizer_from_meta
+from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, tokenizer_from_meta
+from model.gpt import GPTConfig
 from model.errors import UserError
 from model.runtime import resolve_device
 
@@ -60,7 +61,7 @@ def test_corrupted_truncated_and_foreign_checkpoints(trained_sort, tmp_path, cap
 
 def test_model_args_that_do_not_fit_the_weights(trained_sort, tmp_path, capsys):
     base, _ = trained_sort
-    ckpt = load_checkpoint(base / "out" / "sort" / "ckpt.pt")
+    ckpt = torch.load(base / "out" / "sort" / "ckpt.pt", weights_only=True)
     ckpt["model_args"]["n_embd"] = 96
     torch.save(ckpt, tmp_path / "bad.pt")
     assert sample_cli.main([f"--ckpt={tmp_path / 'bad.pt'}"]) == 2
@@ -106,7 +107,7 @@ def test_every_torch_load_is_weights_only():
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    save_checkpoint({"model": {"w": torch.ones(4)}, "model_args": {}, "iter_num": 1}, path)
+    save_checkpoint(Checkpoint({"w": torch.ones(4)}, GPTConfig(), iter_num=1), path)
 
     def dies_halfway(obj, f):
         f.write(b"PK\x03\x04 half a zip file")
@@ -114,10 +115,10 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"model": {"w": torch.zeros(4)}, "model_args": {}, "iter_num": 2}, path)
+        save_checkpoint(Checkpoint({"w": torch.zeros(4)}, GPTConfig(), iter_num=2), path)
     monkeypatch.undo()
     ckpt = load_checkpoint(path)
-    assert ckpt["iter_num"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(4))
+    assert ckpt.iter_num == 1 and torch.equal(ckpt.model["w"], torch.ones(4))
 
 
 # ---- devices and output -------------------------------------------------------------------
@@ -193,7 +194,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(in_t
                         r"\S*run/ckpt.pt still holds iteration 2, intact\. Free some space or choose another "
                         r"--out_dir, then continue with --init_from=resume", err[-1]), err[-1]
     assert "Traceback" not in "\n".join(err)
-    assert load_checkpoint(in_tmp / "run" / "ckpt.pt")["iter_num"] == 2, "the last good checkpoint still loads"
+    assert load_checkpoint(in_tmp / "run" / "ckpt.pt").iter_num == 2, "the last good checkpoint still loads"
     assert not list((in_tmp / "run").glob("*.tmp")), "no partial file left to fill the disk further"
 
 
@@ -212,7 +213,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     assert "interrupted: checkpoint saved; continue with --init_from=resume" in err
     ckpt = load_checkpoint(out / "ckpt.pt")
     logged = [json.loads(line)["iter"] for line in metrics.read_text().splitlines()]
-    assert ckpt["iter_num"] == logged[-1] >= 5, "the checkpoint holds the last finished step"
+    assert ckpt.iter_num == logged[-1] >= 5, "the checkpoint holds the last finished step"
 
 
 # ---- what is saved, and when --------------------------------------------------------------
@@ -245,7 +246,7 @@ def test_every_state_is_saved_once_when_max_iters_is_not_a_multiple_of_eval_inte
     args = train_args("chinese.py", "run", *SMALL, "--max_iters=5", "--eval_interval=2")
     code, saved = saves_during(monkeypatch, args)
     assert code == 0 and saved == [2, 4, 5], f"saved at iterations {saved}; expected 2, 4 and the final 5, once each"
-    assert load_checkpoint(in_tmp / "run" / "ckpt.pt")["iter_num"] == 5
+    assert load_checkpoint(in_tmp / "run" / "ckpt.pt").iter_num == 5
 
 
 @pytest.mark.parametrize("eval_interval,interrupt_after,expected", [
@@ -258,7 +259,7 @@ def test_ctrl_c_saves_the_newest_state_once(in_tmp, monkeypatch, capsys, eval_in
     code, saved = saves_during(monkeypatch, args, interrupt_after=interrupt_after)
     assert code == 130 and "interrupted: checkpoint saved" in capsys.readouterr().err
     assert saved == expected, f"saved at iterations {saved}, expected {expected}"
-    assert load_checkpoint(in_tmp / "run" / "ckpt.pt")["iter_num"] == interrupt_after, "resume starts after the last step"
+    assert load_checkpoint(in_tmp / "run" / "ckpt.pt").iter_num == interrupt_after, "resume starts after the last step"
 
 
 def test_resumed_run_does_not_save_the_state_it_started_from(in_tmp, monkeypatch):

@@ -5,7 +5,7 @@ import torch
 
 import sample as sample_cli
 from conftest import EXPLAINER_ARCH, LLAMA_ARCH, MINGPT_ARCH, QWEN3_ARCH, random_model, working_dir
-from model.sampling import generate, next_token_probs, sample_next_token
+from model.engine import generate, new_cache, next_token_probs, sample_next_token
 
 
 def test_temperature_scales_logits_before_softmax():
@@ -78,7 +78,7 @@ def test_cached_logits_equal_full_recompute(attention, chunks, arch, kind):
     model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8, attention=attention, **arch)
     idx = torch.randint(11, (2, 8), generator=torch.Generator().manual_seed(0))
     full, _ = model(idx)
-    cache, parts, t = model.new_kv_cache(2, kind=kind), [], 0
+    cache, parts, t = new_cache(model, 2, kind=kind), [], 0
     for n in chunks:
         parts.append(model(idx[:, t:t + n], kv_cache=cache)[0])
         t += n
@@ -95,7 +95,7 @@ def test_ragged_rows_each_get_the_logits_they_get_alone(attention, arch):
     model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=12, attention=attention, **arch)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(11, (1, n), generator=g) for n in (5, 2, 7)]
-    cache = model.new_kv_cache(3, kind="ragged")
+    cache = new_cache(model, 3, kind="ragged")
     for row, seq in enumerate(seqs):
         cache.use(row, row + 1)
         model(seq, kv_cache=cache)
@@ -213,7 +213,7 @@ def test_models_opened_for_use_decode_in_the_faster_layout_with_the_same_numbers
     from model.checkpoint import load_checkpoint, model_from_checkpoint, open_model
     base, _ = trained_chinese
     path = base / "out" / "chinese" / "ckpt.pt"
-    plain, opened = model_from_checkpoint(load_checkpoint(path)).eval(), open_model(ckpt=path, quiet=True).model
+    plain, opened = model_from_checkpoint(load_checkpoint(path)).eval(), open_model(path, quiet=True).model
     weight = opened.transformer.h[0].mlp.c_fc.weight
     assert weight.shape == (256, 64) and weight.stride() == (1, 256), "(out, in) shape, stored column by column"
     assert opened.lm_head.weight is opened.transformer.wte.weight, "still tied"

@@ -3,6 +3,7 @@
 
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,11 +15,11 @@ from conftest import ROOT
 from model import data as data_mod
 from model.checkpoint import open_model
 from model.config import TrainConfig
+from model.engine import TextStream, complete
 from model.errors import UserError
-from model.sampling import generate
 from model.start import Start
 from model.tasks import TextTask
-from model.tokenizer import (CharTokenizer, StreamDecoder, load_tokenizer_files, tokenizer_from_dict, train_bpe)
+from model.tokenizer import CharTokenizer, load_tokenizer_files, tokenizer_from_dict, train_bpe
 
 tokenizers = pytest.importorskip("tokenizers")  # the [bpe] extra; CI installs it, so nothing skips there
 
@@ -105,8 +106,8 @@ def test_stream_decoding_never_shows_a_replacement_character(bpe):
     ids = bpe.encode(text)
     cut = [i for i in ids if "\ufffd" in bpe.decode([i])]
     assert cut, "the test needs tokens that end inside a character"
-    stream = StreamDecoder(bpe)
-    pieces = [stream.add(i) for i in ids]
+    stream = TextStream(bpe)
+    pieces = [stream.add(i)[0] for i in ids]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
@@ -131,8 +132,8 @@ def test_stream_decoding_is_linear_and_equals_the_whole_decode(kind, bpe, files)
     ids = (tok.encode(text) * 40)[:3000]
     k = next(k for k in range(5, 20) if not tok.decode(ids[:k]).endswith("\ufffd"))  # a prompt of whole characters
     counting = CountingDecoder(tok)
-    stream = StreamDecoder(counting, ids[:k])
-    streamed = "".join(stream.add(i) for i in ids[k:]) + stream.flush()
+    stream = TextStream(counting, context=ids[:k])
+    streamed = "".join(stream.add(i)[0] for i in ids[k:]) + stream.finish()
     assert tok.decode(ids[:k]) + streamed == tok.decode(ids)
     assert max(counting.lengths) <= 8, "each step decodes a few recent ids, not the whole sample"
 
@@ -179,7 +180,7 @@ def test_bpe_model_streams_whole_characters(in_tmp, capsys):
     text.write_text((ROOT / "data" / "poems" / "input.txt").read_text(encoding="utf-8") * 3, encoding="utf-8")
     assert train_text(in_tmp, text, in_tmp / "run", "--tokenizer=bpe", "--vocab_size=300", "--max_iters=300",
                       "--eval_interval=300", "--n_embd=64", "--learning_rate=3e-3") == 0
-    opened = open_model(out_dir=in_tmp / "run", quiet=True)
+    opened = open_model(in_tmp / "run", quiet=True)
     tok = opened.tokenizer
     assert any("\ufffd" in tok.decode([i]) for i in range(tok.vocab_size)), "some tokens are parts of characters"
     capsys.readouterr()
@@ -187,8 +188,8 @@ def test_bpe_model_streams_whole_characters(in_tmp, capsys):
                             "--num_samples=1"]) == 0
     streamed = capsys.readouterr().out.rstrip("\n")
     prompt = tok.encode("床前")
-    whole = tok.decode(generate(opened.model, torch.tensor([prompt]), 40, temperature=0.0,
-                                vocab_limit=tok.vocab_size)[0].tolist())
+    whole = tok.decode(prompt + complete(opened.model, [prompt], replace(opened.task.rules, max_tokens=40,
+                                                                         temperature=0.0))[0])
     assert "\ufffd" not in whole, "the test needs a model that writes whole characters"
     assert "\ufffd" not in streamed and whole.startswith(streamed) and len(streamed) >= len(whole) - 1
 

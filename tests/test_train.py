@@ -64,10 +64,10 @@ def test_resume_is_exact(tmp_path):
         run_training("chinese.py", tmp_path / "halves", *small, "--init_from=resume")
     straight = load_checkpoint(tmp_path / "straight" / "ckpt.pt")
     halves = load_checkpoint(tmp_path / "halves" / "ckpt.pt")
-    assert halves["iter_num"] == straight["iter_num"] == 6
+    assert halves.iter_num == straight.iter_num == 6
     assert per_step_losses(tmp_path / "straight") == per_step_losses(tmp_path / "halves")
-    for k, v in straight["model"].items():
-        assert torch.equal(v, halves["model"][k]), f"{k} differs after resume"
+    for k, v in straight.model.items():
+        assert torch.equal(v, halves.model[k]), f"{k} differs after resume"
 
 
 def test_train_cli_reports_user_errors(capsys, in_tmp):

@@ -5,9 +5,10 @@
     GET  /v1/models             the one model served
     GET  /                      the chat page
 
-Requests become engine Jobs; replies come back whole or, with "stream": true, as server-sent
-events in the API's chunk format, ending with `data: [DONE]`. Every mistake in a request is an
-OpenAI-style JSON error with a 4xx status, and the server goes on serving.
+Each request becomes one of the engine's Requests (model/engine.py, which sample.py decodes through
+too); replies come back whole or, with "stream": true, as server-sent events in the API's chunk
+format, ending with `data: [DONE]`. Every mistake in a request is an OpenAI-style JSON error with
+a 4xx status, and the server goes on serving.
 """
 
 import asyncio
@@ -17,7 +18,7 @@ import secrets
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 import anyio
@@ -26,9 +27,10 @@ from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from model.engine import QueueFull, Request, TextStream
 from model.errors import UserError
-from model.serve.engine import Job, QueueFull, StopText
 from model.tasks import chat_task
+from model.tokenizer import UnknownCharacters
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: o1's system
 # refused when set (0, false and null pass), never silently ignored
@@ -47,6 +49,14 @@ class RequestError(Exception):
 
 def error_body(message, kind, param=None, code=None):
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class ApiJSON(JSONResponse):
+    """JSON as the API writes it, readable UTF-8; a message that quotes a client's lone surrogate
+    is written with it escaped (\\ud800), never a failed encoding and a 500."""
+
+    def render(self, content):
+        return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -114,6 +124,16 @@ async def read_body(request, limit):
     return data
 
 
+def unicode_text(text, param):
+    """A request's text must be Unicode that UTF-8 can write: a lone surrogate (JSON's "\\ud800") is a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"'{param}' is not valid Unicode text: it holds a lone surrogate at character {e.start}",
+                           param=param) from None
+    return text
+
+
 def read_messages(body):
     """The conversation: a non-empty list of {role, content}, content a string or text parts."""
     messages = get(body, "messages", "array")
@@ -132,7 +152,7 @@ def read_messages(body):
         if not isinstance(content, str):
             raise RequestError(f"'{where}content' must be a string or a list of text parts",
                                param=where + "content")
-        out.append({"role": ROLES[m["role"]], "content": content})
+        out.append({"role": ROLES[m["role"]], "content": unicode_text(content, where + "content")})
     return out
 
 
@@ -142,19 +162,31 @@ def read_prompt(body):
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise RequestError("'prompt' must be a string (one prompt a request)", param="prompt")
-    return prompt
+    return unicode_text(prompt, "prompt")
 
 
 def encoded(encode, text):
     try:
         return encode(text)
+    except UnknownCharacters as e:
+        raise RequestError(f"the model does not know the characters {''.join(e.missing)!r}; rephrase without them") \
+            from None
     except UserError as e:
         raise RequestError(str(e)) from None
 
 
-def read_job(body, served, prompt, chat):
-    """The Job a request asks for, its prompt's ids given; every option checked. chat: whether it
-    is a chat completion (by default it may take the rest of the context; a completion 16 tokens)."""
+def read_top_k(body):
+    """top_k as vLLM's OpenAI server takes it: absent, null, 0 or -1 consider every token."""
+    top_k = get(body, "top_k", "integer", -1)
+    if top_k < -1:
+        raise RequestError(f"'top_k' must be at least 1 (or 0 or -1 for every token), got {top_k}", param="top_k")
+    return top_k if top_k > 0 else None
+
+
+def read_request(body, served, prompt, chat):
+    """The engine Request a body asks for, its prompt's ids given; every option checked. chat: whether
+    it is a chat completion (by default it may take the rest of the context; a completion 16 tokens),
+    whose text starts afresh; a completion's continues its prompt."""
     for name in UNSUPPORTED:
         if body.get(name):
             raise RequestError(f"'{name}' is not supported by this server", param=name)
@@ -177,14 +209,15 @@ def read_job(body, served, prompt, chat):
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
         raise RequestError("'stop' must be a string or an array of at most 4 strings", param="stop")
+    for i, s in enumerate(stop):
+        unicode_text(s, f"stop[{i}]")
     seed = get(body, "seed", "integer")
     if seed is not None and not -2 ** 63 <= seed < 2 ** 64:
         raise RequestError(f"'seed' must be a 64-bit integer, got {seed}", param="seed")
-    turns = served.chat  # a model trained to answer stops at its end of turn, on both routes
-    return Job(prompt, max_tokens, StopText(served.tokenizer, stop), emit=None,
-               temperature=0.0 if top_p == 0 else temperature, top_p=top_p, seed=seed,
-               stop_id=turns.end if turns else None,
-               banned=turns.banned if turns else served.tokenizer.never_sampled())
+    base = (served.chat or served.task).rules  # a model trained to answer stops at its end of turn, on both routes
+    rules = replace(base, max_tokens=max_tokens, temperature=0.0 if top_p == 0 else temperature, top_k=read_top_k(body),
+                    top_p=top_p or 1.0, seed=seed, stop=tuple(stop))
+    return Request(prompt, rules, TextStream(served.tokenizer, rules.stop, context=() if chat else prompt))
 
 
 # ---- answering -----------------------------------------------------------------------------
@@ -313,12 +346,12 @@ class Api:
             raise RequestError(f"{self.served.name!r} has no chat template (it was not trained on conversations and "
                                f"its folder has none): use /v1/completions", param="messages")
         prompt = encoded(chat.encode_messages, read_messages(body))
-        return await self.answer(request, body, read_job(body, self.served, prompt, chat=True), "chat")
+        return await self.answer(request, body, read_request(body, self.served, prompt, chat=True), "chat")
 
     async def completions(self, request):
         body = await self.request(request)
-        prompt = encoded(self.served.task.encode_prompt, read_prompt(body)) or self.served.tokenizer.start_ids()
-        return await self.answer(request, body, read_job(body, self.served, prompt, chat=False), "text")
+        prompt = encoded(self.served.task.encode_prompt, read_prompt(body))
+        return await self.answer(request, body, read_request(body, self.served, prompt, chat=False), "text")
 
     async def answer(self, request, body, job, kind):
         """Queue the job; its reply whole, or streamed as events."""
@@ -342,10 +375,10 @@ class Api:
 
         if not await until_disconnected(request.receive, collect):
             self.engine.cancel(job)
-            return JSONResponse({})  # nobody is there to read it
+            return ApiJSON({})  # nobody is there to read it
         if reason[0] == "error":
-            return JSONResponse(error_body("the server failed while decoding (see its log)", "server_error"), 500)
-        return JSONResponse(reply.whole("".join(text), reason[0], job))
+            return ApiJSON(error_body("the server failed while decoding (see its log)", "server_error"), 500)
+        return ApiJSON(reply.whole("".join(text), reason[0], job))
 
     async def events(self, job, events, reply, usage):
         """The reply as server-sent events; the job leaves the batch if the client goes away."""
@@ -376,14 +409,14 @@ class Api:
 
     async def models(self, request):
         self.check_key(request)
-        return JSONResponse({"object": "list", "data": [self.model_card()]})
+        return ApiJSON({"object": "list", "data": [self.model_card()]})
 
     async def model(self, request):
         self.check_key(request)
         if request.path_params["name"] != self.served.name:
             raise RequestError(f"the model {request.path_params['name']!r} does not exist; this server serves "
                                f"{self.served.name!r}", 404, code="model_not_found")
-        return JSONResponse(self.model_card())
+        return ApiJSON(self.model_card())
 
     def model_card(self):
         return {"id": self.served.name, "object": "model", "created": self.served.created, "owned_by": "smallgpt"}
@@ -397,12 +430,12 @@ class Api:
 
 async def request_error(request, e):
     headers = {"Retry-After": "1"} if e.status == 429 else None
-    return JSONResponse(error_body(str(e), e.kind, e.param, e.code), e.status, headers=headers)
+    return ApiJSON(error_body(str(e), e.kind, e.param, e.code), e.status, headers=headers)
 
 
 async def http_error(request, e):
     """Starlette's own 404 and 405 in the API's error shape."""
-    return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", "invalid_request_error"),
+    return ApiJSON(error_body(f"{request.method} {request.url.path}: {e.detail}", "invalid_request_error"),
                         e.status_code)
 
 

@@ -9,9 +9,9 @@ import uvicorn
 
 from model.checkpoint import open_model
 from model.config import ServeConfig, load_config
+from model.engine import Engine
 from model.errors import UserError
 from model.serve.api import Served, create_app
-from model.serve.engine import Engine
 
 
 def listen(host, port):
@@ -29,9 +29,9 @@ def listen(host, port):
 
 def make_app(cfg, quiet=False):
     """(the ASGI app, its engine, the model's name) for a ServeConfig."""
-    opened = open_model(cfg.out_dir, cfg.ckpt, cfg.device, cfg.meta, quiet=quiet)
+    opened = open_model(cfg, cfg.device, quiet=quiet)
     served = Served.of(opened, cfg.model_name)
-    engine = Engine(opened.model, cfg.max_batch, cfg.max_queue, opened.tokenizer.vocab_size)
+    engine = Engine(opened.model, cfg.max_batch, cfg.max_queue)
     api_key = cfg.api_key or os.environ.get("SMALLGPT_API_KEY", "")
     if not api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"notice: serving {cfg.host} without --api_key: anyone who reaches this port can use the model",

@@ -3,9 +3,10 @@ answer the same letters sorted; the loss is on the answer only, and every input 
 
 import torch
 
+from model.engine import Rules
 from model.errors import UserError
-from model.sampling import generate
 from model.tokenizer import CharTokenizer
+
 
 class SortTask:
     """Inputs are `length` letters from `alphabet`; the answer is the same letters sorted.
@@ -15,6 +16,8 @@ class SortTask:
     of the numbers is held out and never trained on."""
 
     EVAL_LIMIT = 10_000  # larger splits are scored on a fixed random subset of this size
+    exact_match = True  # the sorted letters are the one right answer
+    examples_name = "inputs"
 
     def __init__(self, length=6, alphabet="ABC", holdout=0.2, seed=1337, heldout=None):
         if len(set(alphabet)) < 2 or len(set(alphabet)) != len(alphabet):
@@ -26,6 +29,7 @@ class SortTask:
         self.tokenizer = CharTokenizer(list(alphabet))  # ids follow the alphabet: A=0, B=1, C=2
         self.block_size = 2 * length - 1
         self.model_vocab_size = len(alphabet)
+        self.rules = Rules(max_tokens=length, temperature=0.0)  # the answer: as many letters, the most likely each
         n = len(alphabet) ** length
         if n > 2 ** 40:
             raise UserError(f"{len(alphabet)}^{length} inputs are too many to number; use fewer letters")
@@ -38,14 +42,14 @@ class SortTask:
         self.split_known = True  # False for an imported model: its "held-out" part is every input
 
     @classmethod
-    def for_training(cls, cfg, start):
-        """A new task from the config, or (resuming) the checkpoint's task with its exact split."""
+    def for_training(cls, settings, start):
+        """A new task from the data settings, or (resuming) the checkpoint's task with its exact split."""
         if start.mode == "resume":
-            return cls.from_state(start.ckpt["task"])
+            return cls.from_state(start.ckpt.task)
         if start.mode == "finetune":
             raise UserError("a sorter is not fine-tuned from another model: train it from scratch, or continue "
                             "it with --init_from=resume")
-        return cls(cfg.sort_length, cfg.sort_alphabet, cfg.sort_holdout, cfg.seed)
+        return cls(settings.sort_length, settings.sort_alphabet, settings.sort_holdout, settings.seed)
 
     def inputs(self, numbers):
         """Input numbers (N,) -> their letters as token ids (N, length)."""
@@ -72,23 +76,20 @@ class SortTask:
         pick = torch.randint(len(numbers), (batch_size,), generator=generator)
         return self.examples(numbers[pick])
 
-    def answers(self, model, letters, device):
-        """The model's greedy answers to inputs (N, length) -> (N, length), on the CPU."""
-        return generate(model, letters.to(device), self.length, temperature=0.0)[:, self.length:].cpu()
-
-    def accuracy(self, model, split, device):
-        """Greedy exact match: the share of the split's inputs whose whole answer is right."""
+    def answers(self, split):
+        """(input ids, the sorted ids) of the split's inputs (up to EVAL_LIMIT), for exact match."""
         letters = self.inputs(self.splits[split][:self.EVAL_LIMIT])
-        right = (self.answers(model, letters, device) == letters.sort(dim=1).values).all(dim=1)
-        return right.float().mean().item()
+        return list(zip(letters.tolist(), letters.sort(dim=1).values.tolist()))
 
-    def evaluate(self, model, device):
-        return {"heldout_acc": self.accuracy(model, "val", device),
-                "train_acc": self.accuracy(model, "train", device)}
+    def encode_prompt(self, text, drop_unknown=False):
+        """A prompt's ids: `length` letters from the alphabet (never any left out), else UserError saying so."""
+        text = text.strip()
+        if len(text) != self.length or self.tokenizer.unknown(text):
+            raise UserError(f"a prompt must be {self.length} letters from {self.alphabet}, got {text!r}")
+        return self.tokenizer.encode(text)
 
-    def solved(self, evaluation):
-        """Why training may stop now (every held-out input sorted right), or None."""
-        return "heldout_acc 100%" if evaluation.get("heldout_acc") == 1.0 else None
+    def describe(self, config):
+        return f"sort {self.length} letters from {self.alphabet}"
 
     def state(self):
         """Plain data for the checkpoint: enough to rebuild the task and its exact split (None:
@@ -97,74 +98,9 @@ class SortTask:
                 "heldout": self.splits["val"].clone() if self.split_known else None}
 
     @classmethod
-    def from_state(cls, state):
+    def from_state(cls, state, tokenizer=None, block_size=None, model_vocab_size=None):
         if state["heldout"] is not None:
             return cls(state["length"], state["alphabet"], heldout=state["heldout"])
         task = cls(state["length"], state["alphabet"], heldout=torch.arange(len(state["alphabet"]) ** state["length"]))
         task.split_known = False
         return task
-
-    # ---- what the commands show ----
-
-    def describe(self, config):
-        return f"sort {self.length} letters from {self.alphabet}"
-
-    def report_rows(self, run):
-        if run.get("heldout_acc") is None or not self.split_known:
-            return []
-        sizes = {k: min(len(v), self.EVAL_LIMIT) for k, v in self.splits.items()}
-        return [("held-out exact match", f"{run['heldout_acc']:.1%} of {sizes['val']} inputs"),
-                ("training exact match", f"{run['train_acc']:.1%} of {sizes['train']} inputs")]
-
-    def demo(self, model, device, count=3):
-        """The model's answers to the first held-out inputs, wrong ones marked."""
-        letters = self.inputs(self.splits["val"][:count])
-        answers = self.answers(model, letters, device)
-        return "\n".join(f"{self.tokenizer.decode(x.tolist())} -> {self.tokenizer.decode(a.tolist())}"
-                         f"{'' if torch.equal(a, x.sort().values) else '  (wrong)'}" for x, a in zip(letters, answers))
-
-    def read_letters(self, text):
-        """A prompt as letters (1, length), or UserError saying what a prompt must be."""
-        return torch.tensor([self.encode_prompt(text)])
-
-    def encode_prompt(self, text):
-        """A prompt's ids: `length` letters from the alphabet, else UserError saying so."""
-        text = text.strip()
-        if len(text) != self.length or self.tokenizer.unknown(text):
-            raise UserError(f"a prompt must be {self.length} letters from {self.alphabet}, got {text!r}")
-        return self.tokenizer.encode(text)
-
-    def attention_prompt(self, model, start):
-        """An input and the model's greedy answer (as trained), as (tokens, ids)."""
-        letters = self.read_letters(start) if start else self.inputs(self.splits["val"][:1])
-        ids = generate(model, letters, self.length - 1, temperature=0.0)[0].tolist()
-        return [self.tokenizer.label(i) for i in ids], ids
-
-    def sample(self, cfg, prompt, model, device):
-        """sample.py: --eval scores every input; --start prints its answer; else random inputs, marked."""
-        if cfg.eval:
-            if not self.split_known:
-                n = min(len(self.splits["val"]), self.EVAL_LIMIT)
-                print(f"all inputs: {self.accuracy(model, 'val', device):.1%} of {n} sorted exactly (the split this "
-                      f"model was trained with is unknown: it was imported, so seen and unseen inputs are mixed)")
-                return
-            for split, name in (("val", "held-out"), ("train", "training")):
-                n = min(len(self.splits[split]), self.EVAL_LIMIT)
-                print(f"{name} inputs: {self.accuracy(model, split, device):.1%} of {n} sorted exactly")
-            return
-        if prompt:
-            letters = self.read_letters(prompt)
-        else:
-            g = torch.Generator().manual_seed(cfg.seed)
-            letters = torch.randint(len(self.alphabet), (cfg.num_samples, self.length), generator=g)
-        answers = self.answers(model, letters, device)
-        heldout = set(self.splits["val"].tolist())
-        decode = self.tokenizer.decode
-        for inp, ans, number in zip(letters, answers, self.numbers(letters).tolist()):
-            expected = inp.sort().values
-            mark = "right" if torch.equal(ans, expected) else f"wrong, expected {decode(expected.tolist())}"
-            where = ("held-out" if number in heldout else "seen in training") if self.split_known else "split unknown"
-            line = f"{decode(inp.tolist())} -> {decode(ans.tolist())}"
-            print(line if prompt else f"{line}  ({mark}; {where})")
-        if prompt and not torch.equal(answers[0], letters[0].sort().values):
-            print(f"(wrong: sorted is {decode(letters[0].sort().values.tolist())})")
