@@ -152,7 +152,11 @@ def save_checkpoint(ckpt, path):
     write_atomically(path, lambda f: torch.save(ckpt.to_dict(), f))
 
 
-def record_latest(path):
+def save_run(ckpt, path):
+    """A training run's checkpoint: `path` (ckpt.pt), nanoGPT's meta.pkl beside it (character
+    vocabularies), and out/latest.txt naming it, each written atomically."""
+    save_checkpoint(ckpt, path)
+    write_meta(ckpt.tokenizer, Path(path).parent / "meta.pkl")
     LATEST.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(LATEST, lambda f: f.write((str(Path(path).resolve()) + "\n").encode("utf-8")))
 
@@ -284,12 +288,13 @@ def tokenizer_from_meta(path):
 
 
 def write_meta(tokenizer, path):
-    """A character vocabulary as nanoGPT's meta.pkl (vocab_size, itos, stoi), so nanoGPT's
-    sample.py decodes our checkpoints' text. Plain data only; written like checkpoints, atomically.
+    """A character vocabulary (its plain data) as nanoGPT's meta.pkl (vocab_size, itos, stoi), so
+    nanoGPT's sample.py decodes our checkpoints' text. Plain data only; written atomically.
     (Subword tokenizers have no meta.pkl form: nanoGPT reads those with tiktoken's GPT-2 BPE.)"""
-    if tokenizer.kind != "char":
+    if tokenizer["type"] != "char":
         return
-    meta = {"vocab_size": tokenizer.vocab_size, "itos": dict(enumerate(tokenizer.itos)), "stoi": dict(tokenizer.stoi)}
+    itos = tokenizer["itos"]
+    meta = {"vocab_size": len(itos), "itos": dict(enumerate(itos)), "stoi": {c: i for i, c in enumerate(itos)}}
     write_atomically(path, lambda f: pickle.dump(meta, f))
 
 

@@ -17,7 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model.checkpoint import Checkpoint, record_latest, save_checkpoint, write_meta
+from model.checkpoint import Checkpoint, save_run
 from model.errors import UserError
 from model.eval import answer_scores
 from model.lora import adapter_state
@@ -129,9 +129,7 @@ def save(run):
     fails (a full disk) says which checkpoint is still intact."""
     path = Path(run.cfg.out_dir) / "ckpt.pt"
     try:
-        save_checkpoint(checkpoint_of(run), path)
-        write_meta(run.task.tokenizer, path.parent / "meta.pkl")
-        record_latest(path)
+        save_run(checkpoint_of(run), path)
     except UserError as e:
         kept = (f"{path} still holds iteration {run.saved_iter}, intact" if run.saved_iter is not None else
                 "no checkpoint of this run was saved before")
