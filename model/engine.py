@@ -123,11 +123,13 @@ class RaggedKVCache(KVCache):
         self.lengths[row] = 0
 
     def move(self, src, dst):
-        """Row src's cached tokens become row dst's (a finished request's row is refilled by the last one)."""
-        n = self.lengths[src]
+        """Row src[i]'s cached tokens become row dst[i]'s (a finished request's row is refilled by the
+        last one), for every layer in one copy; no row is both read and written."""
+        n = max(self.lengths[i] for i in src)
         for store in (*self.keys, *self.values):
             store[dst, :, :n] = store[src, :, :n]
-        self.lengths[dst] = n
+        for i, j in zip(src, dst):
+            self.lengths[j] = self.lengths[i]
 
     @property
     def capacity(self):
@@ -355,8 +357,8 @@ class Engine:
 
     Each round, requests that came take free rows, and every row gets its next token: rows that
     must read their window (a new prompt, a window gone past block_size, every row without the
-    cache) read it, equal lengths together in one forward pass; the others take one step
-    together, each at its own position. A finished request leaves at once and the last row moves
+    cache) read it, all in one forward pass; the others take one step together, each at its own
+    position. A finished request leaves at once and the last row moves
     into its place, so the running rows are always the cache's first rows.
 
     complete(requests) decodes requests to their ends in the calling thread (sample.py,
@@ -371,6 +373,7 @@ class Engine:
         self.cache = new_cache(model, max_batch, 1, kind="ragged")  # it grows to what the requests need
         self.rows = []  # the running requests: request i's keys and values are the cache's row i
         self.waiting = deque()
+        self.masks = {}  # (vocab_limit, banned, V) -> the ids those rules never draw
         self.changed = threading.Condition()
         self.stopped = False
         self.thread = None
@@ -453,15 +456,14 @@ class Engine:
                 request.generator = torch.Generator(self.device).manual_seed(request.rules.seed)
             if request.rules.max_tokens < 1:
                 request.end("length")
-        joining = [r for r in joining if r.reason is None]
-        self.rows += joining
+        self.rows += [r for r in joining if r.reason is None]
         self.leave([i for i, r in enumerate(self.rows) if r.cancelled])
-        reading = [r for r in self.rows if r in joining or self.must_read(r)]
-        stepping = self.order_rows(reading)
+        joined = set(joining)
+        stepping = self.order_rows({r for r in self.rows if r in joined or self.must_read(r)})
         if stepping:
             self.step(stepping)
-        for a, b in self.equal_windows(stepping):
-            self.read(a, b)
+        if stepping < len(self.rows):
+            self.read(stepping, len(self.rows))
         self.leave([i for i, r in enumerate(self.rows) if r.reason is not None])
 
     def must_read(self, request):
@@ -474,30 +476,19 @@ class Engine:
         return not self.use_cache
 
     def order_rows(self, reading):
-        """The rows that step come first (their cache rows move down, in order), the ones that read
-        after, by window length; -> how many rows step."""
-        keep = [r for r in self.rows if r not in reading]
-        for new, request in enumerate(keep):  # a row moves only into a slot already moved from, or a reading row's
-            old = self.rows.index(request)
+        """The rows that step come first (their cache rows moved down, in order), the ones that read
+        after; -> how many rows step."""
+        keep = [(old, r) for old, r in enumerate(self.rows) if r not in reading]
+        for new, (old, _) in enumerate(keep):  # into a slot a reading row held, or one a kept row left already
             if old != new:
-                self.cache.move(old, new)
-        self.rows = keep + sorted(reading, key=self.window_length)
+                self.cache.move([old], [new])
+        self.rows = [r for _, r in keep] + [r for r in self.rows if r in reading]
         return len(keep)
 
-    def window_length(self, request):
-        return len(request.prompt) + len(request.tokens) - request.start
-
-    def equal_windows(self, first):
-        """(a, b) for each run of reading rows (from `first` on) whose windows have the same length."""
-        runs, a = [], first
-        for b in range(first + 1, len(self.rows) + 1):
-            if b == len(self.rows) or self.window_length(self.rows[b]) != self.window_length(self.rows[a]):
-                runs.append((a, b))
-                a = b
-        return runs
-
     def read(self, a, b):
-        """Rows a .. b - 1 read their windows (of one length) into their cache rows from scratch."""
+        """Rows a .. b - 1 read their windows into their cache rows from scratch, in one forward pass:
+        windows shorter than the longest are padded after their end, which no token of theirs sees
+        (the causal mask) and their next step overwrites in the cache."""
         windows = [(r.prompt + r.tokens)[r.start:] for r in self.rows[a:b]]
         # each row then steps once for each token it may still write but the first, up to block_size
         need = max(len(w) + r.rules.max_tokens - len(r.tokens) - 1 for w, r in zip(windows, self.rows[a:b]))
@@ -506,8 +497,13 @@ class Engine:
         for row in range(a, b):
             self.cache.reset(row)
         self.cache.use(a, b)
-        logits, _ = self.model(torch.tensor(windows, device=self.device), kv_cache=self.cache)
-        self.advance(logits[:, -1], range(a, b))
+        T = max(map(len, windows))
+        ids = torch.tensor([w + [0] * (T - len(w)) for w in windows], device=self.device)
+        logits, _ = self.model(ids, kv_cache=self.cache)
+        for row, w in zip(range(a, b), windows):
+            self.cache.lengths[row] = len(w)
+        last = torch.tensor([len(w) - 1 for w in windows], device=self.device)
+        self.advance(logits[torch.arange(b - a, device=self.device), last], range(a, b))
 
     def step(self, n):
         """One token for each of the first n rows at once: each feeds its newest token."""
@@ -522,16 +518,16 @@ class Engine:
         for request, token in zip(requests, self.choose(logits.float(), requests)):
             request.add(token)
 
-    @staticmethod
-    def choose(logits, requests):
+    def choose(self, logits, requests):
         """The next token of each request by its own rules: greedy rows by one argmax, the others drawn
         one by one with their own temperature, top_k, top_p and random numbers."""
-        for b, request in enumerate(requests):
-            rules = request.rules
-            if rules.vocab_limit is not None:
-                logits[b, rules.vocab_limit:] = float("-inf")
-            if rules.banned:
-                logits[b, list(rules.banned)] = float("-inf")
+        masks = [self.never_drawn(r.rules, logits.size(-1)) for r in requests]
+        if any(m is not None for m in masks):
+            if all(m is masks[0] for m in masks):  # the usual case: every row under the model's own rules
+                logits.masked_fill_(masks[0], float("-inf"))
+            else:
+                none = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+                logits.masked_fill_(torch.stack([none if m is None else m for m in masks]), float("-inf"))
         tokens = logits.argmax(dim=-1).tolist()
         for b, request in enumerate(requests):
             rules = request.rules
@@ -541,14 +537,30 @@ class Engine:
                                               request.generator).item()
         return tokens
 
+    def never_drawn(self, rules, vocab):
+        """(V,) True for the ids the rules never draw (banned, past the vocabulary limit), or None; one
+        tensor per such rule set, kept."""
+        if rules.vocab_limit is None and not rules.banned:
+            return None
+        key = (rules.vocab_limit, rules.banned, vocab)
+        if key not in self.masks:
+            mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            mask[rules.vocab_limit or vocab:] = True
+            mask[list(rules.banned)] = True
+            self.masks[key] = mask
+        return self.masks[key]
+
     def leave(self, rows):
-        """The requests in these rows leave the batch; the last rows move into their places."""
+        """The requests in these rows leave the batch; the last rows move into their places, in one copy."""
+        origin = list(range(len(self.rows)))  # the row each remaining slot's cache will come from
         for i in sorted(rows, reverse=True):  # from the end: a moved row is never one still to remove
-            last = len(self.rows) - 1
-            if i != last:
-                self.cache.move(last, i)
-                self.rows[i] = self.rows[last]
+            origin[i] = origin[-1]
+            self.rows[i] = self.rows[-1]
+            origin.pop()
             self.rows.pop()
+        moved = [(src, dst) for dst, src in enumerate(origin) if src != dst]
+        if moved:  # every source lies past the remaining rows: none is also written
+            self.cache.move([src for src, _ in moved], [dst for _, dst in moved])
 
 
 def draws(rules, count):

@@ -9,7 +9,8 @@ def exact_match(model, pairs, rules, max_batch=256):
     """The share of (prompt ids, answer ids) pairs whose whole answer (its stop id included, when it
     has one) the model writes exactly, greedily, under the model's `rules`."""
     requests = [Request(list(prompt), replace(rules, max_tokens=len(answer), temperature=0.0)) for prompt, answer in pairs]
-    Engine(model, max_batch).complete(requests)
+    # shortest prompts first: requests that join together read their prompts in one forward pass
+    Engine(model, max_batch).complete(sorted(requests, key=lambda r: (len(r.prompt), r.rules.max_tokens)))
     return sum(r.tokens == list(answer) for r, (_, answer) in zip(requests, pairs)) / max(1, len(pairs))
 
 

@@ -5,7 +5,7 @@ import torch
 
 import sample as sample_cli
 from conftest import EXPLAINER_ARCH, LLAMA_ARCH, MINGPT_ARCH, QWEN3_ARCH, random_model, working_dir
-from model.engine import generate, new_cache, next_token_probs, sample_next_token
+from model.engine import Engine, Request, Rules, complete, generate, new_cache, next_token_probs, sample_next_token
 
 
 def test_temperature_scales_logits_before_softmax():
@@ -106,12 +106,43 @@ def test_ragged_rows_each_get_the_logits_they_get_alone(attention, arch):
         seqs = [torch.cat([s, nxt[i:i + 1]], dim=1) for i, s in enumerate(seqs)]
         for row, seq in enumerate(seqs):
             torch.testing.assert_close(logits[row], model(seq)[0][0, -1], rtol=0, atol=1e-12)
-    cache.move(2, 0)
+    cache.move([2], [0])
     cache.use(0, 2)
     logits = model(torch.tensor([[3], [4]]), kv_cache=cache)[0][:, -1]
     for row, (seq, token) in enumerate(((seqs[2], 3), (seqs[1], 4))):
         torch.testing.assert_close(logits[row], model(torch.cat([seq, torch.tensor([[token]])], 1))[0][0, -1],
                                    rtol=0, atol=1e-12)
+
+
+@ARCHS
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_the_engine_writes_the_tokens_generate_writes(arch, use_cache):
+    """The engine (what every command decodes with) against the short loop: five prompts of 1 to 13
+    tokens share 3 rows (they join as others leave, new ones read together in one padded forward
+    pass), run past block_size=8 (each row's window slides on its own), greedy; and seeded sampling.
+    Catches padding a read token sees, a row's cache or window taken from another, a seed not the
+    request's own."""
+    model = random_model(n_layer=2, n_head=2, n_embd=16, vocab_size=11, block_size=8, dtype=torch.float32, **arch)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(11, (n,), generator=g).tolist() for n in (1, 5, 8, 13, 3)]
+    requests = Engine(model, max_batch=3, use_cache=use_cache).complete(
+        [Request(p, Rules(max_tokens=30, temperature=0.0)) for p in prompts])
+    for p, request in zip(prompts, requests):
+        assert request.tokens == generate(model, torch.tensor([p]), 30, temperature=0.0)[0, len(p):].tolist(), p
+    for seed in (1, 2):
+        sampled = Engine(model, use_cache=use_cache).complete([Request(prompts[1], Rules(20, 1.0, top_k=6, seed=seed))])
+        expected = generate(model, torch.tensor([prompts[1]]), 20, 1.0, top_k=6, generator=torch.Generator().manual_seed(seed))
+        assert sampled[0].tokens == expected[0, 5:].tolist()
+
+
+def test_rules_stop_a_reply_and_what_they_ban_is_never_drawn():
+    """Catches: a stop id not ending the request (or missing from its tokens), a banned or padded id drawn."""
+    model = random_model(n_layer=1, n_head=2, n_embd=16, vocab_size=11, block_size=16, dtype=torch.float32)
+    free = complete(model, [[1, 2]], Rules(max_tokens=14, temperature=0.0))[0]
+    stop = free[3]
+    assert complete(model, [[1, 2]], Rules(max_tokens=14, temperature=0.0, stop_ids=(stop,)))[0] == free[:free.index(stop) + 1]
+    drawn = complete(model, [[1, 2]] * 8, Rules(max_tokens=14, temperature=1.5, seed=0, banned=(3, 4), vocab_limit=8))
+    assert not {t for row in drawn for t in row} & {3, 4, 8, 9, 10}
 
 
 def test_compiled_decoding_gives_the_eager_tokens_and_compiles_once():
