@@ -24,6 +24,27 @@ QWEN2_ARCH = dict(LLAMA_ARCH, qkv_bias=True, head="tied", rope_theta=1e6)
 QWEN3_ARCH = dict(LLAMA_ARCH, qk_norm=True, rope_theta=1e6)
 
 
+# A command as its user runs it from a terminal, Ctrl-C included. A test runner started in the background
+# (a shell's `pytest &`) ignores SIGINT, and a process that starts with SIGINT ignored never gets Python's
+# Ctrl-C handler: the command restores it first, so its Ctrl-C tests do not depend on how pytest was started.
+WITH_CTRL_C = """
+import os, runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+target = sys.argv.pop(1)
+if target.startswith("-m "):
+    runpy.run_module(target[3:], run_name="__main__", alter_sys=True)
+else:
+    sys.argv[0] = target
+    sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+    runpy.run_path(target, run_name="__main__")
+"""
+
+
+def command(target, *args):
+    """argv for `python TARGET ARGS` (TARGET a script's path, or '-m module'), Ctrl-C handled as in a terminal."""
+    return [sys.executable, "-c", WITH_CTRL_C, str(target), *map(str, args)]
+
+
 def random_model(seed=0, dtype=torch.float64, **kw):
     """A GPT with every parameter random, LayerNorm gains and biases too (the default 1s and
     0s would hide mistakes in how they are applied)."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import sample as sample_cli
 import train as train_cli
-from conftest import CHAT_DATA, ROOT, run_training, working_dir
+from conftest import CHAT_DATA, ROOT, command, run_training, working_dir
 from model.checkpoint import load_checkpoint, open_model
 from model.engine import complete
 from model.tasks.template import ChatTemplate
@@ -174,8 +174,8 @@ def test_chat_commands_and_end_of_input_in_a_real_process(trained_chat):
 
 def test_ctrl_c_ends_a_chat_cleanly(trained_chat):
     """Bug: Ctrl-C while the chat waits for a message ends in a KeyboardInterrupt traceback."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--out_dir={trained_chat}", "--chat",
-                             "--temperature=0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(command(ROOT / "sample.py", f"--out_dir={trained_chat}", "--chat", "--temperature=0"),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=trained_chat)
     proc.stdin.write("Hello\n")
     proc.stdin.flush()

@@ -70,11 +70,17 @@ def test_two_gloo_processes_match_one_process_and_resume_in_one(one_process, tmp
         torch.testing.assert_close(final[name], straight[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_gradient_accumulation_must_split_across_processes(tmp_path):
-    proc = torchrun(2, train_args("chinese.py", tmp_path / "run", *TINY, "--gradient_accumulation_steps=3",
-                                  "--max_iters=1"), tmp_path)
-    assert proc.returncode != 0
-    assert "gradient_accumulation_steps=3 must be a multiple of the number of processes (2) or less than it" in proc.stderr
+def test_gradient_accumulation_must_split_across_processes():
+    """The rule each torchrun process applies (the runs above show what its processes share)."""
+    from model.config import TrainConfig
+    from model.errors import UserError
+    from model.runtime import Runtime
+    from model.start import micro_steps
+    two = Runtime("cpu", "cpu", torch.float32, ddp=True, world_size=2)
+    with pytest.raises(UserError, match=r"gradient_accumulation_steps=3 must be a multiple of the number of "
+                                        r"processes \(2\) or less than it"):
+        micro_steps(TrainConfig(gradient_accumulation_steps=3), two)
+    assert micro_steps(TrainConfig(gradient_accumulation_steps=4), two) == 4
 
 
 @pytest.mark.slow

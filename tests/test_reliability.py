@@ -17,7 +17,7 @@ import torch
 
 import sample as sample_cli
 import train as train_cli
-from conftest import ROOT, nanogpt_checkpoint, train_args
+from conftest import ROOT, command, nanogpt_checkpoint, train_args
 from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, tokenizer_from_meta
 from model.gpt import GPTConfig
 from model.errors import UserError
@@ -200,8 +200,8 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(in_t
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *train_args(
-        "chinese.py", out, *SMALL, "--max_iters=1000000", "--log_interval=1", "--eval_interval=100000")],
+    proc = subprocess.Popen(command(ROOT / "train.py", *train_args(
+        "chinese.py", out, *SMALL, "--max_iters=1000000", "--log_interval=1", "--eval_interval=100000")),
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 60

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, command
 from test_browser import needs_browser, open_browser, sync_playwright
 
 openai = pytest.importorskip("openai")
@@ -425,7 +425,7 @@ def test_the_command_serves_until_ctrl_c_and_names_a_busy_port(trained_sort):
                             capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1:" in failed.stderr
     busy.close()
-    proc = subprocess.Popen([sys.executable, "-m", "model.serve", f"--out_dir={out_dir}", "--port=0"],
+    proc = subprocess.Popen(command("-m model.serve", f"--out_dir={out_dir}", "--port=0"),
                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = ""
