@@ -380,17 +380,18 @@ class Engine:
 
     # ---- from any thread ----
 
-    def submit(self, request):
-        """Queue a request; QueueFull when max_queue requests are waiting already."""
+    def submit(self, *requests):
+        """Queue requests, all or none: QueueFull when there is no room for them among max_queue."""
         with self.changed:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(requests) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already")
-            self.waiting.append(request)
+            self.waiting.extend(requests)
             self.changed.notify()
 
-    def cancel(self, request):
-        """Nobody waits for the request: its row (or its place in the queue) is freed before the next round."""
-        request.cancelled = True
+    def cancel(self, *requests):
+        """Nobody waits for the requests: their rows (or places in the queue) are freed before the next round."""
+        for request in requests:
+            request.cancelled = True
         with self.changed:
             self.changed.notify()
 

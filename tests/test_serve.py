@@ -183,6 +183,28 @@ def test_a_seed_gives_the_same_tokens_through_the_server_sample_py_and_the_engin
     assert opened.tokenizer.decode(complete(opened.model, [opened.tokenizer.encode("abc")], rules)[0]) == texts[0]
 
 
+def test_n_choices_are_sample_py_s_num_samples_whole_and_streamed(random_text_model, capsys):
+    """Catches: choices drawn from one another's random numbers (or all from the same seed), a streamed
+    choice's text sent under another's index, usage counting one choice."""
+    args = dict(prompt="abc", max_tokens=10, temperature=1.3, seed=5)
+    with serving(random_text_model) as running:
+        client = running.client()
+        whole = client.completions.create(model=running.name, n=3, **args)
+        alone = [client.completions.create(model=running.name, **{**args, "seed": 5 + i}).choices[0].text
+                 for i in range(3)]
+        streamed = {0: "", 1: "", 2: ""}
+        for chunk in client.completions.create(model=running.name, n=3, stream=True, **args):
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.text
+    texts = [c.text for c in sorted(whole.choices, key=lambda c: c.index)]
+    assert texts == alone and len(set(texts)) == 3, "choice i draws as a request with seed + i does"
+    assert [streamed[i] for i in range(3)] == texts
+    assert whole.usage.completion_tokens == 30, "every choice's tokens count"
+    assert sample_cli.main([f"--ckpt={random_text_model}", "--start=abc", "--seed=5", "--temperature=1.3",
+                            "--max_new_tokens=10", "--num_samples=3"]) == 0
+    assert capsys.readouterr().out == ("\n" + "-" * 40 + "\n").join("abc" + t for t in texts) + "\n"
+
+
 def test_a_greedy_reply_is_the_same_through_the_server_sample_py_and_evaluation(numerals, trained_numerals, capsys):
     """Catches: one path with other rules (the end of turn, a banned marker) than the others: the chat
     reply, sample.py's and the tokens the held-out evaluation scores are one decoding."""
@@ -253,7 +275,7 @@ def held(engine):
     submitted, entered: set once a forward pass waits at the gate, i.e. the engine has taken a job)."""
     gate, entered, jobs, model, submit = threading.Event(), threading.Event(), [], engine.model, engine.submit
     engine.model = lambda *a, **kw: (entered.set(), gate.wait(10), model(*a, **kw))[2]
-    engine.submit = lambda job: (jobs.append(job), submit(job))[1]
+    engine.submit = lambda *requests: (jobs.extend(requests), submit(*requests))[1]
     try:
         yield gate, jobs, entered
     finally:
@@ -319,7 +341,8 @@ def bad_requests(name):
         ("a prompt longer than the context", "completions", {"model": name, "prompt": "1" * 40}, None, 400,
          "reads at most"),
         ("unknown characters", "completions", {"model": name, "prompt": "abc"}, None, 400, "does not know"),
-        ("two choices", "completions", {"model": name, "prompt": "1", "n": 2}, None, 400, "'n' must be 1"),
+        ("no choice", "completions", {"model": name, "prompt": "1", "n": 0}, None, 400, "'n' must be between 1 and 16"),
+        ("more choices than rows", "completions", {"model": name, "prompt": "1", "n": 17}, None, 400, "'n' must be between"),
         ("a penalty we do not apply", "completions", {"model": name, "prompt": "1", "frequency_penalty": 0.5}, None,
          400, "not supported"),
         ("five stop strings", "completions", {"model": name, "prompt": "1", "stop": list("abcde")}, None, 400,

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from model.engine import QueueFull, Request, TextStream
+from model.engine import QueueFull, Request, TextStream, draws
 from model.errors import UserError
 from model.tasks import chat_task
 from model.tokenizer import UnknownCharacters
@@ -183,15 +183,17 @@ def read_top_k(body):
     return top_k if top_k > 0 else None
 
 
-def read_request(body, served, prompt, chat):
-    """The engine Request a body asks for, its prompt's ids given; every option checked. chat: whether
-    it is a chat completion (by default it may take the rest of the context; a completion 16 tokens),
-    whose text starts afresh; a completion's continues its prompt."""
+def read_requests(body, served, prompt, chat, most):
+    """The engine Requests a body asks for (one a choice, `n` of them, at most `most`), its prompt's
+    ids given; every option checked. Choice i draws with seed + i, as sample.py's sample i does.
+    chat: whether it is a chat completion (by default it may take the rest of the context; a
+    completion 16 tokens), whose text starts afresh; a completion's continues its prompt."""
     for name in UNSUPPORTED:
         if body.get(name):
             raise RequestError(f"'{name}' is not supported by this server", param=name)
-    if get(body, "n", "integer", 1) != 1:
-        raise RequestError("'n' must be 1: one choice a request", param="n")
+    n = get(body, "n", "integer", 1)
+    if not 1 <= n <= most:
+        raise RequestError(f"'n' must be between 1 and {most} (the choices are decoded together), got {n}", param="n")
     room = served.block_size + 1 - len(prompt)  # the last token written is never read back
     if room < 1:
         raise RequestError(f"the prompt is {len(prompt)} tokens; this model reads at most {served.block_size} "
@@ -217,7 +219,7 @@ def read_request(body, served, prompt, chat):
     base = (served.chat or served.task).rules  # a model trained to answer stops at its end of turn, on both routes
     rules = replace(base, max_tokens=max_tokens, temperature=0.0 if top_p == 0 else temperature, top_k=read_top_k(body),
                     top_p=top_p or 1.0, seed=seed, stop=tuple(stop))
-    return Request(prompt, rules, TextStream(served.tokenizer, rules.stop, context=() if chat else prompt))
+    return [Request(prompt, r, TextStream(served.tokenizer, r.stop, context=() if chat else prompt)) for r in draws(rules, n)]
 
 
 # ---- answering -----------------------------------------------------------------------------
@@ -235,22 +237,24 @@ class Reply:
         self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
 
-    def usage(self, job):
-        n = len(job.tokens)
+    def usage(self, jobs):
+        n = sum(len(job.tokens) for job in jobs)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
 
-    def choice(self, text, reason, delta=None):
-        """The one choice of a reply; for a chat chunk, `delta` is the message's part it brings."""
+    def choice(self, index, text, reason, delta=None):
+        """Choice `index` of a reply; for a chat chunk, `delta` is the message's part it brings."""
         if self.kind == "text":
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
         if delta is not None:
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": reason}
 
-    def whole(self, text, reason, job):
+    def whole(self, texts, reasons, jobs):
         kind = "chat.completion" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": [self.choice(text, reason)], "usage": self.usage(job)}
+                "choices": [self.choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))],
+                "usage": self.usage(jobs)}
 
     def chunk(self, choices, usage=None):
         kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
@@ -346,66 +350,75 @@ class Api:
             raise RequestError(f"{self.served.name!r} has no chat template (it was not trained on conversations and "
                                f"its folder has none): use /v1/completions", param="messages")
         prompt = encoded(chat.encode_messages, read_messages(body))
-        return await self.answer(request, body, read_request(body, self.served, prompt, chat=True), "chat")
+        jobs = read_requests(body, self.served, prompt, True, self.engine.max_batch)
+        return await self.answer(request, body, jobs, "chat")
 
     async def completions(self, request):
         body = await self.request(request)
         prompt = encoded(self.served.task.encode_prompt, read_prompt(body))
-        return await self.answer(request, body, read_request(body, self.served, prompt, chat=False), "text")
+        jobs = read_requests(body, self.served, prompt, False, self.engine.max_batch)
+        return await self.answer(request, body, jobs, "text")
 
-    async def answer(self, request, body, job, kind):
-        """Queue the job; its reply whole, or streamed as events."""
+    async def answer(self, request, body, jobs, kind):
+        """Queue the jobs (one a choice); the reply whole, or streamed as events."""
         stream = get(body, "stream", "boolean", False)
         usage = get(get(body, "stream_options", "object", {}), "include_usage", "boolean", False, "stream_options.")
-        reply, events = Reply(kind, self.served.name, len(job.prompt)), asyncio.Queue()
-        job.emit = lambda event: self.mailbox.post(events, event)
+        reply, events = Reply(kind, self.served.name, len(jobs[0].prompt)), asyncio.Queue()
+        for i, job in enumerate(jobs):
+            job.emit = lambda event, i=i: self.mailbox.post(events, (i, *event))
         try:
-            self.engine.submit(job)
+            self.engine.submit(*jobs)
         except QueueFull as e:
             raise RequestError(f"the server is busy ({e}); try again shortly", 429, code="rate_limit_exceeded",
                                kind="requests") from None
         if stream:
-            return EventStream(self.events(job, events, reply, usage))
-        text, reason = [], []
+            return EventStream(self.events(jobs, events, reply, usage))
+        texts, reasons = [""] * len(jobs), [None] * len(jobs)
 
         async def collect():
-            while (event := await events.get())[0] == "text":
-                text.append(event[1])
-            reason.append(event[1])
+            while None in reasons:
+                i, kind, value = await events.get()
+                if kind == "text":
+                    texts[i] += value
+                else:
+                    reasons[i] = value
 
         if not await until_disconnected(request.receive, collect):
-            self.engine.cancel(job)
+            self.engine.cancel(*jobs)
             return ApiJSON({})  # nobody is there to read it
-        if reason[0] == "error":
+        if "error" in reasons:
             return ApiJSON(error_body("the server failed while decoding (see its log)", "server_error"), 500)
-        return ApiJSON(reply.whole("".join(text), reason[0], job))
+        return ApiJSON(reply.whole(texts, reasons, jobs))
 
-    async def events(self, job, events, reply, usage):
-        """The reply as server-sent events; the job leaves the batch if the client goes away."""
-        ended = False
+    async def events(self, jobs, events, reply, usage):
+        """The reply as server-sent events, each chunk the text that came for each choice; the jobs leave
+        the batch if the client goes away."""
+        ended = set()
         try:
             if reply.kind == "chat":
-                yield reply.chunk([reply.choice("", None, {"role": "assistant", "content": ""})])
-            while not ended:
-                kind, value = await events.get()
-                text = value if kind == "text" else ""
-                while kind == "text" and not events.empty():  # the client fell behind: what came goes as one chunk
-                    kind, value = events.get_nowait()
-                    text += value if kind == "text" else ""
-                ended = kind == "end"
-                if ended and value == "error":
+                yield reply.chunk([reply.choice(i, "", None, {"role": "assistant", "content": ""}) for i in range(len(jobs))])
+            while len(ended) < len(jobs):
+                came = [await events.get()]
+                while not events.empty():  # the client fell behind: what came goes as one chunk
+                    came.append(events.get_nowait())
+                if any(kind == "end" and value == "error" for _, kind, value in came):
                     yield f"data: {json.dumps(error_body('the server failed while decoding', 'server_error'))}\n\n"
                     return
-                if text:
-                    yield reply.chunk([reply.choice(text, None, {"content": text})])
-                if ended:
-                    yield reply.chunk([reply.choice("", value, {})])
+                texts = {}
+                for i, kind, value in came:
+                    texts[i] = texts.get(i, "") + (value if kind == "text" else "")
+                if any(texts.values()):
+                    yield reply.chunk([reply.choice(i, t, None, {"content": t}) for i, t in texts.items() if t])
+                finished = [(i, value) for i, kind, value in came if kind == "end"]
+                if finished:
+                    yield reply.chunk([reply.choice(i, "", value, {}) for i, value in finished])
+                ended.update(i for i, _ in finished)
             if usage:
-                yield reply.chunk([], reply.usage(job))
+                yield reply.chunk([], reply.usage(jobs))
             yield "data: [DONE]\n\n"
         finally:
-            if not ended:
-                self.engine.cancel(job)
+            if len(ended) < len(jobs):
+                self.engine.cancel(*jobs)
 
     async def models(self, request):
         self.check_key(request)
