@@ -348,8 +348,12 @@ class Request:
 
     def reply(self):
         """The ids the reply consists of: its tokens without the stop id that ended it."""
-        stopped = self.tokens and self.tokens[-1] in self.rules.stop_ids
-        return self.tokens[:-1] if stopped else list(self.tokens)
+        return without_stop(self.tokens, self.rules)
+
+
+def without_stop(ids, rules):
+    """ids (a reply, an answer) without the stop id that ends them, if one does."""
+    return list(ids[:-1]) if len(ids) and ids[-1] in rules.stop_ids else list(ids)
 
 
 class Engine:
@@ -358,8 +362,8 @@ class Engine:
     Each round, requests that came take free rows, and every row gets its next token: rows that
     must read their window (a new prompt, a window gone past block_size, every row without the
     cache) read it, all in one forward pass; the others take one step together, each at its own
-    position. A finished request leaves at once and the last row moves
-    into its place, so the running rows are always the cache's first rows.
+    position. A finished request leaves at once and the last row moves into its place, so the
+    running rows are always the cache's first rows.
 
     complete(requests) decodes requests to their ends in the calling thread (sample.py,
     evaluation). A server submits requests from other threads and runs run() until stop(), in

@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from model.engine import Engine, Request, complete, draws
+from model.engine import Engine, Request, complete, draws, without_stop
 
 PLOTS = {"loss.png": "loss curves", "attention.png": "attention maps"}
 SEPARATOR = "-" * 40  # between samples
@@ -42,10 +42,6 @@ def accuracy_rows(task, run):
         if run.get(key) is not None:
             rows.append((name, f"{run[key]:.1%} of {len(task.answers(split))} {task.examples_name}"))
     return rows
-
-
-def without_stop(ids, rules):
-    return ids[:-1] if ids and ids[-1] in rules.stop_ids else ids
 
 
 def demo(model, task, count=3):
