@@ -188,7 +188,11 @@ def load_checkpoint(path):
     path = Path(path)
     if is_hf_folder(path):
         folder = read_folder(path)
-        return Checkpoint(folder.weights, GPTConfig(**folder.config), folder.tokenizer.to_dict(), {"type": "text"},
+        try:
+            config = GPTConfig(**folder.config)
+        except UserError as e:
+            raise UserError(f"{path / 'config.json'}: {e}") from None
+        return Checkpoint(folder.weights, config, folder.tokenizer.to_dict(), {"type": "text"},
                           config={"source": str(path.resolve())}, chat=folder.chat)
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; {TRAIN_HINT}")
@@ -224,8 +228,9 @@ def model_from_checkpoint(ckpt, device="cpu", allow_changed_base=False, **overri
         model.load_state_dict(state)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
-        raise UserError(f"the checkpoint's model_args {ckpt.to_dict()['model_args']} do not match its "
-                        f"weights: {' '.join(lines)[:400]}") from None
+        source = ckpt.config.get("source")  # a Hugging Face folder's
+        what = f"{source}: its config.json does" if source else f"the checkpoint's model_args {ckpt.to_dict()['model_args']} do"
+        raise UserError(f"{what} not match its weights: {' '.join(lines)[:400]}") from None
     return model.to(device)
 
 

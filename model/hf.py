@@ -42,67 +42,119 @@ def safetensors_torch():
 LLAMA_FAMILY = ("llama", "qwen2", "qwen3")  # model_types read and written besides gpt2
 
 
+def read_json(path):
+    """A JSON object from one of a folder's files; UserError naming the file and what is wrong."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        raise UserError(f"{path} cannot be read as JSON ({str(e)[:120]}); fetch the folder again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not the object of fields it must be; fetch "
+                        f"the folder again") from None
+    return data
+
+
+class Fields:
+    """A config.json's fields, each read once and checked: a field the architecture needs that is
+    missing or of the wrong kind is a UserError naming the file and the field."""
+
+    def __init__(self, path, values):
+        self.path, self.values = path, values
+
+    def __call__(self, name, kind=int, default=None):
+        value = self.values.get(name)
+        if value is None:
+            if default is None:
+                raise UserError(f"{self.path} lacks {name!r}, which a {self.values.get('model_type')} model needs; "
+                                f"fetch the folder again")
+            return default
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise UserError(f"{self.path}: {name}={value!r} is not {'an integer' if kind is int else 'a number'}")
+        return value
+
+    def refuse(self, field, why):
+        return UserError(f"{self.path}: {field}={self.values.get(field)!r} {why}; this model cannot be loaded")
+
+
 def config_from_hf(folder):
     """config.json -> GPTConfig fields. Anything we do not compute the same is refused, naming the field."""
     path = Path(folder) / "config.json"
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not JSON: {e}") from None
-    refuse = lambda field, why: UserError(f"{path}: {field}={hf.get(field)!r} {why}; this model cannot be loaded")  # noqa: E731
-    if hf.get("model_type") in LLAMA_FAMILY:
-        return llama_config(hf, refuse)
-    if hf.get("model_type") != "gpt2":
-        raise refuse("model_type", f"is not one of gpt2, {', '.join(LLAMA_FAMILY)}, the architectures read here")
-    return gpt2_config(hf, refuse)
+    fields = Fields(path, read_json(path))
+    if fields.values.get("model_type") in LLAMA_FAMILY:
+        return llama_config(fields)
+    if fields.values.get("model_type") != "gpt2":
+        raise fields.refuse("model_type", f"is not one of gpt2, {', '.join(LLAMA_FAMILY)}, the architectures read here")
+    return gpt2_config(fields)
 
 
-def gpt2_config(hf, refuse):
+def gpt2_config(f):
+    hf = f.values
     if hf.get("activation_function", "gelu_new") not in ACTIVATIONS:
-        raise refuse("activation_function", f"is not one of {', '.join(ACTIVATIONS)}")
-    if hf.get("n_inner") not in (None, 4 * hf["n_embd"]):
-        raise refuse("n_inner", f"is not 4 x n_embd = {4 * hf['n_embd']}, the feed-forward width computed here")
+        raise f.refuse("activation_function", f"is not one of {', '.join(ACTIVATIONS)}")
+    if f("n_inner", int, 4 * f("n_embd")) != 4 * f("n_embd"):
+        raise f.refuse("n_inner", f"is not 4 x n_embd = {4 * f('n_embd')}, the feed-forward width computed here")
     for field, ours in SAME_AS_OURS:
         if hf.get(field, ours) != ours:
-            raise refuse(field, f"differs from {ours}, what is computed here")
-    return dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], block_size=hf["n_positions"],
-                vocab_size=hf["vocab_size"], bias=True, dropout=0.0,
+            raise f.refuse(field, f"differs from {ours}, what is computed here")
+    return dict(n_layer=f("n_layer"), n_head=f("n_head"), n_embd=f("n_embd"), block_size=f("n_positions"),
+                vocab_size=f("vocab_size"), bias=True, dropout=0.0,
                 activation=ACTIVATIONS[hf.get("activation_function", "gelu_new")],
-                layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+                layer_norm_eps=f("layer_norm_epsilon", (int, float), 1e-5))
 
 
-def llama_config(hf, refuse):
+def llama_config(f):
     """A Llama, Qwen2 or Qwen3 config.json -> GPTConfig fields: RoPE, RMSNorm, the gated SiLU
     feed-forward, grouped-query attention; Qwen2 adds Q/K/V biases, Qwen3 per-head Q/K norms."""
+    hf = f.values
     rope = hf.get("rope_scaling") or {k: v for k, v in (hf.get("rope_parameters") or {}).items() if k != "rope_theta"}
     if rope and rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise refuse("rope_scaling", "is a RoPE scaling this project does not compute (only plain RoPE)")
+        raise f.refuse("rope_scaling", "is a RoPE scaling this project does not compute (only plain RoPE)")
     if hf.get("hidden_act", "silu") != "silu":
-        raise refuse("hidden_act", "is not silu, the gated feed-forward's activation computed here")
+        raise f.refuse("hidden_act", "is not silu, the gated feed-forward's activation computed here")
     for field in ("use_sliding_window", "attention_bias", "mlp_bias"):
         if hf.get(field):
-            raise refuse(field, "is not computed here")
-    heads = hf["num_attention_heads"]
-    return dict(n_layer=hf["num_hidden_layers"], n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads,
-                n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-                intermediate_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-                block_size=hf["max_position_embeddings"], bias=False, dropout=0.0, positions="rope",
-                rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-                normalization="rmsnorm", mlp="gated", activation="silu", layer_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            raise f.refuse(field, "is not computed here")
+    heads = f("num_attention_heads")
+    theta = f("rope_theta", (int, float), (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    return dict(n_layer=f("num_hidden_layers"), n_head=heads, n_kv_head=f("num_key_value_heads", int, heads),
+                n_embd=f("hidden_size"), head_dim=f("head_dim", int, f("hidden_size") // heads),
+                intermediate_size=f("intermediate_size"), vocab_size=f("vocab_size"),
+                block_size=f("max_position_embeddings"), bias=False, dropout=0.0, positions="rope",
+                rope_theta=float(theta), normalization="rmsnorm", mlp="gated", activation="silu",
+                layer_norm_eps=f("rms_norm_eps", (int, float), 1e-6),
                 head="tied" if hf.get("tie_word_embeddings", False) else "untied",
                 qkv_bias=hf["model_type"] == "qwen2", qk_norm=hf["model_type"] == "qwen3")
+
+
+def read_tensors(path):
+    """One safetensors file's tensors; UserError naming it when it is truncated or not safetensors at all."""
+    try:
+        return safetensors_torch().load_file(str(path))
+    except Exception as e:  # safetensors raises its own errors (and OSError) for a damaged file
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} cannot be read ({reason}): it is truncated or damaged; fetch it again") from None
 
 
 def load_state(folder):
     """Every tensor of the folder: model.safetensors, its shards (model.safetensors.index.json), or pytorch_model.bin."""
     folder = Path(folder)
     if (folder / "model.safetensors").is_file():
-        return safetensors_torch().load_file(str(folder / "model.safetensors"))
-    if (folder / "model.safetensors.index.json").is_file():
-        shards = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()
-        return {k: v for shard in sorted(set(shards)) for k, v in safetensors_torch().load_file(str(folder / shard)).items()}
+        return read_tensors(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = read_json(index).get("weight_map")
+        if not isinstance(shards, dict) or not shards:
+            raise UserError(f"{index} has no 'weight_map' naming the shards; fetch the folder again")
+        missing = sorted(n for n in set(shards.values()) if not (folder / str(n)).is_file())
+        if missing:
+            raise UserError(f"{index} names the shard {missing[0]}, which is not in {folder}; fetch it again")
+        return {k: v for shard in sorted(set(shards.values())) for k, v in read_tensors(folder / shard).items()}
     if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # as for our own checkpoints: torch raises many kinds for a damaged file
+            raise UserError(f"{folder / 'pytorch_model.bin'} cannot be read ({str(e).strip()[:120]}): it is "
+                            f"truncated or damaged; fetch it again") from None
     raise UserError(f"{folder} has config.json but no model.safetensors (or its shards) or pytorch_model.bin")
 
 
@@ -123,8 +175,15 @@ LLAMA_KEYS = {"ln_1.weight": "input_layernorm.weight", "ln_2.weight": "post_atte
 QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
-def llama_weights(state, n_layer):
-    """The Llama family's weights in our layout: Q, K and V stacked into c_attn."""
+def llama_weights(state, n_layer, folder):
+    """The Llama family's weights in our layout: Q, K and V stacked into c_attn. A tensor missing
+    here is a UserError naming the folder; any other one missing, load_state_dict names."""
+    missing = [k for k in ("model.embed_tokens.weight", "model.norm.weight", *(f"model.layers.{i}.{m}.weight"
+                                                                            for i in range(n_layer) for m in QKV))
+               if k not in state]
+    if missing:
+        raise UserError(f"{folder}: the weights lack {missing[0]}, which its config.json's {n_layer} layers need; "
+                        f"fetch the folder again")
     out = {"transformer.wte.weight": state["model.embed_tokens.weight"], "transformer.ln_f.weight": state["model.norm.weight"]}
     if "lm_head.weight" in state:
         out["lm_head.weight"] = state["lm_head.weight"]
@@ -151,7 +210,7 @@ def read_folder(folder):
     """A Hugging Face folder's model, config, tokenizer and chat template (model.checkpoint makes it a checkpoint)."""
     config = config_from_hf(folder)
     state = load_state(folder)
-    weights = llama_weights(state, config["n_layer"]) if config.get("positions") == "rope" else gpt2_weights(state)
+    weights = llama_weights(state, config["n_layer"], folder) if config.get("positions") == "rope" else gpt2_weights(state)
     tokenizer = load_tokenizer_files(folder)
     return Folder(weights, config, tokenizer, folder_chat_template(folder, tokenizer))
 
@@ -161,10 +220,12 @@ def folder_chat_template(folder, tokenizer):
     the plain data of a ChatTemplate, or None. Its end of turn is <|im_end|> for ChatML templates
     (Qwen's), else the tokenizer's eos_token."""
     folder = Path(folder)
-    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")) if (
-        folder / "tokenizer_config.json").is_file() else {}
-    source = ((folder / "chat_template.jinja").read_text(encoding="utf-8") if (folder / "chat_template.jinja").is_file()
-              else config.get("chat_template"))
+    config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    try:
+        source = ((folder / "chat_template.jinja").read_text(encoding="utf-8") if
+                  (folder / "chat_template.jinja").is_file() else config.get("chat_template"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{folder / 'chat_template.jinja'} cannot be read as text ({e}); fetch the folder again") from None
     if isinstance(source, list):  # several named templates: the default one
         source = next((t["template"] for t in source if t.get("name") == "default"), None)
     token = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731  (an AddedToken's fields, or a string)
