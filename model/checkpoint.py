@@ -205,7 +205,10 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"{path} is not a checkpoint: it lacks the 'model' and 'model_args' entries "
                         f"that train.py (and nanoGPT) write")
-    return Checkpoint.from_dict(ckpt)
+    try:
+        return Checkpoint.from_dict(ckpt)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 # ---- the model a checkpoint holds ---------------------------------------------------------

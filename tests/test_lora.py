@@ -8,7 +8,7 @@ import torch
 
 import sample as sample_cli
 from conftest import LLAMA_ARCH, ROOT, random_model, run_training, working_dir
-from model.checkpoint import load_checkpoint, model_from_checkpoint, open_model
+from model.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, open_model, save_checkpoint
 from model.convert import main as convert_main
 from model.lora import LoRAConfig, add_adapters, merge_adapters
 
@@ -111,6 +111,43 @@ def test_gradient_checkpointing_gives_the_same_gradients(arch):
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_adapters_whose_base_changed_are_refused_in_one_line_naming_it(trained_chinese, tmp_path, capsys):
+    """Bug: the base trained further in place (or replaced by another model) after the adapters were
+    trained on it, and the adapters opened or resumed on it silently; or a base of another shape
+    blamed on the adapter checkpoint's own model_args."""
+    import shutil
+
+    import train as train_cli
+    base, _ = trained_chinese
+    shutil.copytree(base / "out" / "chinese", tmp_path / "base")
+    with working_dir(tmp_path):
+        run_training("finetune.py", tmp_path / "lora", f"--init_from={tmp_path / 'base'}", "--val_fraction=0",
+                     *LORA, "--max_iters=4", "--eval_interval=4")
+    assert load_checkpoint(tmp_path / "lora" / "ckpt.pt").lora.base_digest, "the checkpoint says what its base was"
+    sample = [f"--out_dir={tmp_path / 'lora'}", "--start=天", "--max_new_tokens=3"]
+    assert sample_cli.main(sample) == 0
+    capsys.readouterr()
+    on_disk = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)
+    on_disk["model"]["transformer.h.0.mlp.c_fc.weight"] += 0.01  # trained a little further, in place
+    torch.save(on_disk, tmp_path / "base" / "ckpt.pt")
+    refused = f"the adapters' base model {(tmp_path / 'base' / 'ckpt.pt').resolve()} is not the one they were trained on"
+    assert sample_cli.main(sample) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert refused in err[-1] and "--allow_changed_base=True" in err[-1] and len(err) == 2, err  # checkpoint:, error:
+    resume = [str(ROOT / "configs" / "finetune.py"), f"--out_dir={tmp_path / 'lora'}", "--init_from=resume",
+              f"--data={ROOT / 'data' / 'chinese'}", "--val_fraction=0", "--max_iters=6", "--eval_interval=6"]
+    with working_dir(tmp_path):
+        assert train_cli.main(resume) == 2 and refused in capsys.readouterr().err
+        assert train_cli.main(resume + ["--allow_changed_base=True"]) == 0
+    assert sample_cli.main(sample + ["--allow_changed_base=True"]) == 0
+    other = random_model(n_layer=1, n_head=2, n_embd=16, vocab_size=len(on_disk["tokenizer"]["itos"]), block_size=8,
+                         dtype=torch.float32)
+    save_checkpoint(Checkpoint(other.state_dict(), other.config, on_disk["tokenizer"], on_disk["task"]),
+                    tmp_path / "base" / "ckpt.pt")  # another model in its place
+    capsys.readouterr()
+    assert sample_cli.main(sample) == 2 and refused in capsys.readouterr().err
 
 
 def test_the_chunked_loss_is_the_loss_and_gives_its_gradients():
