@@ -369,6 +369,27 @@ def test_every_bad_request_is_a_4xx_in_the_apis_shape_and_the_server_goes_on(num
     assert chat(numerals, "305", temperature=0).choices[0].message.content == "三百零五"
 
 
+def test_a_lone_surrogate_in_any_field_is_a_4xx_never_a_500(numerals):
+    """Catches: an error message quoting a client's value that cannot be encoded (a 500 with a
+    traceback), or text that is not Unicode reaching the tokenizer. JSON may spell "\\ud800"."""
+    bad = "a\ud800b"
+    chat_body = {"model": numerals.name, "messages": [{"role": "user", "content": "305"}], "max_tokens": 4,
+                 "temperature": 0, "top_p": 1, "top_k": 5, "n": 1, "stop": ["x"], "seed": 1, "stream": False,
+                 "stream_options": {"include_usage": True}, "max_completion_tokens": 4, "logprobs": False}
+    text_body = {**{k: v for k, v in chat_body.items() if k != "messages"}, "prompt": "305"}
+    bodies = []
+    for route, body in (("chat/completions", chat_body), ("completions", text_body)):
+        bodies += [(route, {**body, key: bad}) for key in body]  # every field, of any kind, holding it
+        bodies += [(route, {**body, "stop": [bad]}), (route, {**body, "stream_options": {"include_usage": bad}})]
+    bodies += [("chat/completions", {**chat_body, "messages": [{"role": bad, "content": "305"}]}),
+               ("chat/completions", {**chat_body, "messages": [{"role": "user", "content": [{"type": "text", "text": bad}]}]}),
+               ("completions", {**text_body, "prompt": [bad]})]
+    for route, body in bodies:
+        code, answer = post(f"{numerals.url}/v1/{route}", None, raw=json.dumps(body).encode())  # ASCII: \ud800 escaped
+        assert 400 <= code < 500 and answer["error"]["message"], (route, body, code, answer)
+    assert chat(numerals, "305", temperature=0).choices[0].message.content == "三百零五", "and the server goes on"
+
+
 def test_the_official_client_sees_the_errors_as_its_own_kinds(numerals):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         numerals.client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "1"}])

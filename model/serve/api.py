@@ -198,8 +198,10 @@ def read_requests(body, served, prompt, chat, most):
     if room < 1:
         raise RequestError(f"the prompt is {len(prompt)} tokens; this model reads at most {served.block_size} "
                            f"(its block_size): shorten it", code="context_length_exceeded")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = get(body, name, "integer", room if chat else min(DEFAULT_COMPLETION_TOKENS, room))
+    asked = {name: get(body, name, "integer") for name in ("max_tokens", "max_completion_tokens")}  # both checked
+    name = "max_completion_tokens" if asked["max_completion_tokens"] is not None else "max_tokens"
+    max_tokens = room if chat else min(DEFAULT_COMPLETION_TOKENS, room)
+    max_tokens = max_tokens if asked[name] is None else asked[name]
     if max_tokens < 1:
         raise RequestError(f"'{name}' must be at least 1, got {max_tokens}", param=name)
     if max_tokens > room:
