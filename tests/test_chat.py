@@ -3,6 +3,7 @@ turn, sampling and --chat, and the template as transformers reads it."""
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -170,6 +171,20 @@ def test_chat_commands_and_end_of_input_in_a_real_process(trained_chat):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stdout.splitlines() == ["你好!", "你好!"], "the system message kept after /reset; /quit ends"
     assert "(new conversation)" in proc.stderr
+
+
+@pytest.mark.parametrize("encoding", ["utf-8:strict", ""], ids=["strict", "default"])
+def test_bytes_that_are_not_utf8_are_one_line_and_the_chat_goes_on(trained_chat, encoding):
+    """Bug: undecodable input on --chat is a traceback where stdin decodes strictly (en_US.UTF-8, or
+    PYTHONIOENCODING=utf-8:strict; C.UTF-8 is lenient), instead of one line and the next message answered."""
+    env = {**os.environ, "PYTHONIOENCODING": encoding}
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={trained_chat}", "--chat",
+                           "--temperature=0"], input=b"\xff\xfe hello\nHello\n", capture_output=True, env=env,
+                          timeout=120, cwd=trained_chat)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert proc.stdout.decode().splitlines() == ["Hello! I am a very small GPT. How can I help?"]
+    assert err.count("error: ") == 1, err
 
 
 def test_ctrl_c_ends_a_chat_cleanly(trained_chat):
