@@ -6,10 +6,12 @@ SOURCE: a checkpoint or out_dir of ours, a Hugging Face GPT-2 folder, a nanoGPT 
 vocabulary from the meta.pkl beside it, or --meta), the 3D visualisation's model JSON, or a
 minGPT state_dict saved with torch.save (--n_head needed: a state_dict does not record it).
 --to=ours (the default) writes DEST/ckpt.pt with the tokenizer inside and a note of where it came
-from; --to=hf writes DEST as a GPT-2 folder (model.safetensors, config.json, tokenizer.json) that
-transformers' GPT2LMHeadModel and AutoTokenizer load; --to=llmviz writes a sorter as the
-visualisation's two files (the model, and the activations of the --start inputs). Nothing in
-DEST is overwritten.
+from; --to=hf writes DEST as a Hugging Face folder (GPT-2, Llama, Qwen2 or Qwen3: model.safetensors,
+config.json, tokenizer.json, tokenizer_config.json, and a chat model's template files) that
+transformers' AutoModelForCausalLM and AutoTokenizer load; --to=peft a LoRA checkpoint's adapters
+as peft's folder; --to=llmviz writes a sorter as the visualisation's two files (the model, and the
+activations of the --start inputs). Nothing in DEST is overwritten: every file a format writes is
+checked, and DEST made writable, before any is written.
 """
 
 import sys

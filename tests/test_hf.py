@@ -263,6 +263,30 @@ def test_convert_refuses_to_overwrite_or_to_export_a_sorter(trained_sort, folder
     assert convert_main(["--to=hf"]) == 2 and "usage: python -m model.convert" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("there", ["tokenizer_config.json", "generation_config.json", "chat_template.jinja"])
+def test_convert_overwrites_no_file_it_would_write(trained_numerals, tmp_path, capsys, there):
+    """Bug: only model.safetensors, config.json and tokenizer.json were checked, so a DEST holding a chat
+    model's other files had them overwritten (README promises nothing in DEST is)."""
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / there).write_text("mine")
+    assert convert_main([str(trained_numerals[0]), str(tmp_path / "dest"), "--to=hf"]) == 2
+    assert f"already holds {there}; choose another DEST (nothing is overwritten)" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "dest").iterdir()] == [there] and (tmp_path / "dest" / there).read_text() == "mine"
+
+
+@pytest.mark.parametrize("to", ["ours", "hf", "llmviz"])
+def test_a_dest_that_cannot_be_written_is_one_line(trained_sort, trained_chinese, tmp_path, capsys, to):
+    """Bug: a DEST that is a file (or inside one) ended in a traceback, the temporary file's cleanup raising
+    a second error that hid the first."""
+    source = trained_sort[0] / "out" / "sort" if to == "llmviz" else trained_chinese[0] / "out" / "chinese"
+    (tmp_path / "a_file").write_text("mine")
+    for dest in (tmp_path / "a_file", tmp_path / "a_file" / "inside"):
+        assert convert_main([str(source), str(dest), f"--to={to}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: DEST {dest} is not writable (") and "choose another DEST" in err[0]
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
 def test_a_downloaded_model_is_fine_tuned_not_resumed(folders, tmp_path, capsys):
     assert convert_main([str(folders["english"]), str(tmp_path / "ours")]) == 0
     with working_dir(tmp_path):
