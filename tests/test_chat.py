@@ -200,6 +200,40 @@ def test_ctrl_c_ends_a_chat_cleanly(trained_chat):
     assert proc.returncode == 130 and "Traceback" not in err, err
 
 
+def test_a_reply_never_holds_the_templates_markers(trained_numerals, tmp_path, capsys):
+    """Bug: a chat model draws <|user|> or <|assistant|> mid-reply (only the end of turn may end one). This
+    model wants nothing else: its final norm's gain is 0, so the norm's output is its bias b, and its own
+    head puts the two markers first after anything. Through the engine, sample.py and the server."""
+    ckpt = torch.load(trained_numerals[0] / "ckpt.pt", weights_only=True)
+    opened = open_model(trained_numerals[0], quiet=True)
+    tok, task = opened.tokenizer, opened.task
+    markers = [tok.special_id("<|user|>"), tok.special_id("<|assistant|>")]
+    state = ckpt["model"]
+    bias = torch.randn_like(state["transformer.ln_f.bias"], generator=torch.Generator().manual_seed(0))
+    head = torch.zeros_like(state["lm_head.weight"])
+    head[markers[0]], head[markers[1]] = 10 * bias, 9 * bias
+    state.update({"transformer.ln_f.weight": torch.zeros_like(bias), "transformer.ln_f.bias": bias, "lm_head.weight": head})
+    ckpt["model_extra"]["head"] = "untied"
+    (tmp_path / "m").mkdir()
+    torch.save(ckpt, tmp_path / "m" / "ckpt.pt")
+    model = open_model(tmp_path / "m", quiet=True).model
+    ids = task.encode_messages([{"role": "user", "content": "305"}])
+    assert model(torch.tensor([ids]))[0][0, -1].topk(2).indices.tolist() == markers, "the model wants the markers"
+    every = {tok.special_id(m) for m in ("<|system|>", "<|user|>", "<|assistant|>")}
+    assert set(task.rules.banned) == every, "the markers, and only they, are never drawn (not the end of turn)"
+    for temperature in (0, 1.5):
+        reply = complete(model, [ids], replace(task.rules, max_tokens=8, temperature=temperature, seed=0))[0]
+        assert len(reply) == 8 and not set(reply) & set(markers), reply
+    assert sample_cli.main([f"--out_dir={tmp_path / 'm'}", "--start=305", "--temperature=0", "--max_new_tokens=8",
+                            "--num_samples=1"]) == 0
+    assert "<|" not in capsys.readouterr().out
+    from test_serve import serving
+    with serving(tmp_path / "m") as running:
+        answer = running.client().chat.completions.create(model=running.name, max_tokens=8, temperature=0,
+                                                          messages=[{"role": "user", "content": "305"}])
+    assert "<|" not in answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
+
+
 def test_chat_on_a_text_model_is_one_clear_line(trained_chinese, capsys):
     base, _ = trained_chinese
     assert sample_cli.main([f"--out_dir={base / 'out' / 'chinese'}", "--chat"]) == 2
