@@ -18,11 +18,18 @@ PROCESS_MB = 300  # Python, torch and the data, before any model: measured on Li
 
 @dataclass
 class MemoryEstimate:
+    """Each part in MB. Activations are what the blocks keep for backward (`kept`) and the logits'
+    (`logits`: the logits, their log-softmax and its gradient, alive together in backward)."""
     weights: float
     gradients: float
     optimizer: float
-    activations: float
+    kept: float
+    logits: float
     process: float = PROCESS_MB
+
+    @property
+    def activations(self):
+        return self.kept + self.logits
 
     @property
     def total(self):
@@ -58,7 +65,7 @@ def estimate(config, parameters, trained, batch_size, bytes_per_float=4, half=Fa
     # the logits, their log-softmax and their gradient; with checkpointing, one chunk of them at a time (GPT.chunked_loss)
     logits = 3 * (min(tokens, 256) if config.gradient_checkpointing else tokens) * config.vocab_size
     return MemoryEstimate(trained * mb + (parameters - trained) * frozen_mb, trained * mb, 2 * trained * mb,
-                          (kept + logits) * act_mb)
+                          kept * act_mb, logits * act_mb)
 
 
 def available_mb(device):

@@ -1,6 +1,7 @@
 """LoRA adapters and gradient checkpointing: the model starts equal to its base, only the adapters
 learn, adapter checkpoints resume exactly and open anywhere, and peft reads what we write."""
 
+import contextlib
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import sample as sample_cli
 from conftest import LLAMA_ARCH, ROOT, random_model, run_training, working_dir
 from model.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, open_model, save_checkpoint
 from model.convert import main as convert_main
+from model.gpt import GPT, GPTConfig
 from model.lora import LoRAConfig, add_adapters, merge_adapters
 
 LORA = ["--lora_rank=4", "--lora_alpha=8", "--lora_targets=all", "--eval_iters=2", "--log_interval=1",
@@ -216,6 +218,58 @@ def test_the_memory_estimate_is_within_a_quarter_of_the_measured_peak(shape, mod
                          capture_output=True, text=True, check=True, timeout=300)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0.75 < result["estimate"] / result["peak"] < 1.25, result
+
+
+def saved_floats(model, x, y=None, inside=None):
+    """Floats autograd keeps for backward (parameters left out) in one forward pass; with `inside`, only
+    while inside those modules."""
+    saved, params = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    handles = [h for m in inside or () for h in (m.register_forward_pre_hook(lambda *a: hooks.__enter__()),
+                                                 m.register_forward_hook(lambda *a: hooks.__exit__(None, None, None)))]
+    with hooks if inside is None else contextlib.nullcontext():
+        _, loss = model(x, y)
+    for h in handles:
+        h.remove()
+    return sum(saved.values()), loss
+
+
+@pytest.mark.parametrize("arch", [{}, dict(LLAMA_ARCH, n_kv_head=2)], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_each_part_of_the_memory_estimate_is_the_real_tensors(arch, lora):
+    """Bug: a part counted wrong that the total's 25% hides: gradients or AdamW's moments for every
+    parameter under LoRA, one moment instead of two, the feed-forward's hidden or the logits' copies
+    left out of the activations."""
+    from model.memory import estimate
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=512, block_size=64, **arch)
+    model = GPT(config).train()
+    if lora:
+        add_adapters(model, LoRAConfig(rank=8, targets="all"))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu")
+    x = torch.randint(config.vocab_size, (2, config.block_size + 1))
+    e = estimate(config, model.num_params(), sum(p.numel() for p in trained), 2)
+    blocks, _ = saved_floats(model, x[:, :-1], inside=model.transformer.h)
+    without_loss, _ = saved_floats(model, x[:, :-1])
+    with_loss, loss = saved_floats(model, x[:, :-1], x[:, 1:])
+    loss.backward()
+    optimizer.step()
+    mb = lambda n: n * 4 / 2 ** 20  # noqa: E731  float32
+    assert e.weights == mb(sum(p.numel() for p in model.parameters())), "every weight, frozen or not"
+    assert e.gradients == mb(sum(p.grad.numel() for p in trained)), "a gradient for what trains, only"
+    assert e.optimizer == mb(sum(v.numel() for st in optimizer.state.values() for k, v in st.items()
+                                 if k in ("exp_avg", "exp_avg_sq"))), "AdamW's two moments of what trains"
+    assert 1.0 <= e.kept / mb(blocks) <= 1.5, (e.kept, mb(blocks))
+    log_softmax = 2 * config.block_size * config.vocab_size  # what the loss keeps, (B T, V), and one scalar
+    assert with_loss - without_loss == log_softmax + 1
+    assert e.logits == mb(3 * log_softmax), "the log-softmax kept, the logits and their gradient beside it in backward"
 
 
 def test_a_run_that_would_not_fit_names_the_options_that_would(trained_chinese, tmp_path, monkeypatch, capsys):
