@@ -57,6 +57,57 @@ def test_the_loss_is_the_mean_over_the_answer_tokens_by_hand(tmp_path):
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
 
 
+def test_a_batch_of_examples_of_different_lengths_pads_outside_the_loss(tmp_path):
+    """Bug: padding taken as targets (the end-of-turn id it is written with, after the answer), an
+    answer's last target (its end of turn) cut, or a prompt token in the loss, once the examples of a
+    batch differ in length (every other batch test uses examples of one length)."""
+    from model.config import TrainConfig
+    from model.start import Start
+    from model.tasks import task_for_training
+    answers = {"a" * n: "b" * (7 - n) + "a" * n for n in range(1, 7)}  # prompts of 1-6 letters, answers of 7
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                                              for p, c in answers.items()), encoding="utf-8")
+    task = task_for_training(TrainConfig(data=str(tmp_path / "d.jsonl"), out_dir=str(tmp_path / "o"), val_fraction=0.0,
+                                         block_size=32), Start("scratch"))
+    tok, end = task.tokenizer, task.end
+    x, y = task.get_batch("train", 24, torch.Generator().manual_seed(0))
+    assert len({(row != end).sum().item() for row in x}) > 1, "the batch mixes lengths"
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        prompt = tok.decode(row_x[1:row_x.index(end)])  # <|user|> PROMPT <|end|> <|assistant|> ANSWER <|end|>
+        ids = task.template.encode(tok, [{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": answers[prompt]}])[0]
+        n = len(ids) - 1
+        assert row_x == ids[:-1] + [end] * (len(row_x) - n), "the example, then padding"
+        answer_from = ids.index(tok.special_id("<|assistant|>"))
+        assert row_y == [-1] * answer_from + ids[answer_from + 1:] + [-1] * (len(row_y) - n), \
+            "targets: the answer and its end of turn only; -1 on the prompt and on the padding"
+
+
+def test_the_held_out_examples_are_a_fixed_share_never_trained_on(tmp_path):
+    """Bug: held-out examples drawn into training batches, a share other than val_fraction, or a split
+    that moves with anything but the seed (so a resumed or repeated run would train on its test)."""
+    from model.config import TrainConfig
+    from model.start import Start
+    from model.tasks import task_for_training
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"prompt": str(i), "completion": str(i)[::-1] + "x"}) + "\n"
+                                              for i in range(100, 150)), encoding="utf-8")
+
+    def split(seed, out):
+        task = task_for_training(TrainConfig(data=str(tmp_path / "d.jsonl"), out_dir=str(tmp_path / out), seed=seed,
+                                             val_fraction=0.2, block_size=16), Start("scratch"))
+        prompts = {s: {task.tokenizer.decode(p[1:-2]) for p, _ in task.answers(s)} for s in ("train", "val")}
+        return task, prompts
+
+    task, first = split(1337, "a")
+    assert len(first["val"]) == 10 and len(first["train"]) == 40 and not first["val"] & first["train"]
+    assert first["val"] | first["train"] == {str(i) for i in range(100, 150)}
+    x, _ = task.get_batch("train", 512, torch.Generator().manual_seed(0))
+    drawn = {task.tokenizer.decode(row[1:4]) for row in x.tolist()}  # <|user|> and the prompt's three digits
+    assert drawn <= first["train"] and len(drawn) == 40, "training batches draw every training example, none held out"
+    assert split(1337, "b")[1] == first, "the same seed, the same split (another out_dir)"
+    assert split(7, "c")[1]["val"] != first["val"], "another seed, another split"
+
+
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_text_that_spells_a_marker_stays_plain_text(kind):
     """Bug: a user's text containing '<|end|>' or '<|endoftext|>' becomes the special token and
