@@ -12,6 +12,7 @@ from model.engine import Request, TextStream, draws
 from model.errors import UserError
 from model.eval import exact_match
 from model.report import SEPARATOR
+from model.tasks.chat import exchanges
 from model.tokenizer import spelled
 
 
@@ -143,7 +144,7 @@ def converse(engine, task, rules, system="", drop_unknown=False):
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become one clear line, in any locale
         sys.stdin.reconfigure(errors="surrogateescape")
     start = [{"role": "system", "content": system}] if system else []
-    history, turn = list(start), 0
+    history, turn, told = list(start), 0, False
     if interactive:
         print("chat: type a message and Enter; /reset starts a new conversation, /quit (or Ctrl-D) ends", file=sys.stderr)
     try:
@@ -152,12 +153,16 @@ def converse(engine, task, rules, system="", drop_unknown=False):
             if line.strip() in ("/quit", "/exit"):
                 break
             if line.strip() == "/reset":
-                history = list(start)
+                history, told = list(start), False
                 print("(new conversation)", file=sys.stderr)
                 continue
             history = reply_to(engine, task, history + [{"role": "user", "content": line}],
                                replace(rules, seed=rules.seed + turn), drop_unknown)
             turn += 1
+            if not told and task.turns and exchanges(history) > task.turns:
+                told = True
+                print(f"notice: this conversation is longer than any the model was trained on ({task.turns} "
+                      f"exchange(s) at most), so its replies may get worse; /reset starts a new one", file=sys.stderr)
     except EOFError:
         pass
     except KeyboardInterrupt:  # Ctrl-C: end the conversation, as Ctrl-D does, with the shell's code for it

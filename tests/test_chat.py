@@ -215,6 +215,20 @@ def test_chat_from_a_pipe_keeps_the_history(trained_chat, monkeypatch, capsys):
                                                   "君子以自强不息。", "谢谢"], "the third turn sees the first two"
 
 
+def test_a_conversation_longer_than_the_training_ones_is_said_once(trained_chat, trained_numerals, monkeypatch, capsys):
+    """Bug: a model trained on conversations of at most three exchanges is given a longer history without
+    a word (its replies degrade); or the notice repeats every turn."""
+    assert torch.load(trained_chat / "ckpt.pt", weights_only=True)["task"]["turns"] == 3
+    assert torch.load(trained_numerals[0] / "ckpt.pt", weights_only=True)["task"]["turns"] == 1
+    five = "你好\n天行健的下一句是什么?\n谢谢\n你好\n谢谢\n"  # the training conversation, then two exchanges more
+    monkeypatch.setattr(sys, "stdin", io.StringIO(five + "/reset\n" + five))
+    assert sample_cli.main([f"--out_dir={trained_chat}", "--chat", "--temperature=0", "--max_new_tokens=8"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 10 and "dropped" not in err, "every message answered, the whole history kept"
+    notice = "notice: this conversation is longer than any the model was trained on (3 exchange(s) at most)"
+    assert err.count(notice) == 2 and "/reset starts a new one" in err, "once a conversation, from the fourth exchange"
+
+
 def test_chat_commands_and_end_of_input_in_a_real_process(trained_chat):
     proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--out_dir={trained_chat}", "--chat",
                            "--temperature=0", "--system=Answer in Chinese."], input="Hello\n/reset\nHello\n/quit\n谢谢\n",

@@ -515,6 +515,25 @@ def test_the_chat_page_streams_replies_in_chromium(numerals):
 
 
 @needs_browser
+def test_the_page_says_once_when_a_conversation_is_longer_than_the_training_ones(trained_chat):
+    """Catches: the page keeping a history longer than any the model saw without a word, or saying so each turn."""
+    with serving(trained_chat) as running, sync_playwright() as play:
+        browser = open_browser(play)
+        page = browser.new_page()
+        page.goto(running.url + "/")
+        page.fill("#temperature", "0")
+        for n, text in enumerate(["你好", "天行健的下一句是什么?", "谢谢", "你好", "谢谢"], 1):  # the training conversation
+            page.fill("#input", text)  # and two exchanges more
+            page.press("#input", "Enter")
+            page.wait_for_function(f"document.body.dataset.state === 'idle' && "
+                                   f"document.querySelectorAll('.assistant .text').length === {n}")
+            longer = [t for t in page.locator(".notice").all_text_contents() if "longer than any" in t]
+            assert len(longer) == (1 if n > 3 else 0), (n, longer)
+        assert "trained on, 3 exchange(s) at most" in longer[0]
+        browser.close()
+
+
+@needs_browser
 def test_the_page_continues_text_for_a_model_without_a_chat_template(sorter):
     """Catches: the page sending a chat to a model that has no template (a 400) instead of a completion."""
     with sync_playwright() as play:

@@ -437,8 +437,9 @@ class Api:
         return {"id": self.served.name, "object": "model", "created": self.served.created, "owned_by": "smallgpt"}
 
     async def page(self, request):
-        config = json.dumps({"model": self.served.name, "chat": self.served.chat is not None,
-                             "key": bool(self.api_key)}).replace("<", "\\u003c")
+        chat = self.served.chat
+        config = json.dumps({"model": self.served.name, "chat": chat is not None, "key": bool(self.api_key),
+                             "turns": chat.turns if chat else 0}).replace("<", "\\u003c")
         html = resources.files("model.serve").joinpath("page.html").read_text(encoding="utf-8")
         return HTMLResponse(html.replace("{{CONFIG}}", config))
 

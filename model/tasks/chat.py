@@ -55,10 +55,10 @@ def held_out(n, val_fraction, seed):
 def prepare_examples(source, tokenizer, template, prepared, is_val, settings, hasher):
     """Each record's ids and loss mask into prepared/{train,val}.{ids,loss}.bin, with the examples'
     start offsets; meta.json last (a stopped run leaves nothing to reuse), with `hasher`'s digest of
-    the files. Returns whether every record is a prompt/completion pair."""
+    the files, whether every record is a prompt/completion pair and the most exchanges (user turns) one has."""
     prepared.mkdir(parents=True, exist_ok=True)
     (prepared / "meta.json").unlink(missing_ok=True)
-    dtype, pairs = token_dtype(tokenizer.model_vocab_size()), True
+    dtype, pairs, turns = token_dtype(tokenizer.model_vocab_size()), True, 0
     files = {s: (open(prepared / f"{s}.ids.bin", "wb"), open(prepared / f"{s}.loss.bin", "wb")) for s in ("train", "val")}
     offsets = {"train": [0], "val": [0]}
     bar = tqdm(total=len(is_val), unit="ex", desc="preparing examples", dynamic_ncols=True, disable=len(is_val) < 50_000)
@@ -71,14 +71,20 @@ def prepare_examples(source, tokenizer, template, prepared, is_val, settings, ha
             files[split][1].write(np.array(in_loss, dtype=np.uint8).tobytes())
             offsets[split].append(offsets[split][-1] + len(ids))
             pairs &= is_pair
+            turns = max(turns, exchanges(messages))
     finally:
         bar.close()
         for f in (f for pair in files.values() for f in pair):
             f.close()
     for split, starts in offsets.items():
         np.save(prepared / f"{split}.offsets.npy", np.array(starts, dtype=np.int64))
-    write_meta(prepared, source, hasher, settings, tokenizer, dtype, pairs=pairs, template=template.to_dict())
-    return pairs
+    write_meta(prepared, source, hasher, settings, tokenizer, dtype, pairs=pairs, turns=turns,
+               template=template.to_dict())
+
+
+def exchanges(messages):
+    """How many exchanges a conversation has: its user turns."""
+    return sum(m["role"] == "user" for m in messages)
 
 
 @dataclass
@@ -125,9 +131,10 @@ class ChatTask:
     EVAL_LIMIT = 2000  # larger splits are scored on their first examples
     examples_name = "completions"
 
-    def __init__(self, tokenizer, template, block_size, data=None, model_vocab_size=None, pairs=False):
+    def __init__(self, tokenizer, template, block_size, data=None, model_vocab_size=None, pairs=False, turns=0):
         self.tokenizer, self.template, self.block_size = tokenizer, template, block_size
         self.data, self.pairs = data, pairs
+        self.turns = turns  # the most exchanges a training conversation had (0: not known, a folder's template)
         self.exact_match = pairs  # a pair's completion is its one right answer; a conversation's replies are examples
         self.model_vocab_size = model_vocab_size or tokenizer.model_vocab_size()
         self.end = tokenizer.special_id(template.end_of_turn)
@@ -158,7 +165,8 @@ class ChatTask:
         data = open_examples(prepared, meta["dtype"], block_size)
         if not len(data["val"].keep):
             data["val"] = data["train"]  # nothing held out (val_fraction=0): the val loss is the training examples'
-        return cls(tokenizer, template, block_size, data, vocab, meta["pairs"])
+        turns = meta.get("turns") or max(exchanges(m) for m, _ in read_records(source))  # older preparations lack it
+        return cls(tokenizer, template, block_size, data, vocab, meta["pairs"], turns)
 
     def get_batch(self, split, batch_size, generator):
         """Random examples of the split, each x = ids[:-1], y = ids[1:] where ids[t + 1] is in the
@@ -200,9 +208,9 @@ class ChatTask:
         return f"answers: {kind} from {config.get('data')} (end of turn {self.template.end_of_turn})"
 
     def state(self):
-        return {"type": "chat", "template": self.template.to_dict(), "pairs": self.pairs}
+        return {"type": "chat", "template": self.template.to_dict(), "pairs": self.pairs, "turns": self.turns}
 
     @classmethod
     def from_state(cls, state, tokenizer, block_size, model_vocab_size):
         return cls(tokenizer, ChatTemplate.from_dict(state["template"]), block_size,
-                   model_vocab_size=model_vocab_size, pairs=state.get("pairs", False))
+                   model_vocab_size=model_vocab_size, pairs=state.get("pairs", False), turns=state.get("turns", 0))
