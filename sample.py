@@ -10,6 +10,7 @@ from pathlib import Path
 
 from model.checkpoint import open_model
 from model.config import SampleConfig, load_config, run_command
+from model.data import decode_utf8
 from model.engine import Engine
 from model.errors import UserError
 from model.tasks import ChatTask, SortTask, chat_task
@@ -17,11 +18,12 @@ from model.terminal import answer, continue_text, converse, score_sort, show_sor
 
 
 def read_prompt(start):
+    """--start's text, or the UTF-8 text of the file FILE:path names."""
     if start.startswith("FILE:"):
         path = Path(start[5:])
         if not path.is_file():
-            raise UserError(f"prompt file {path} not found")
-        return path.read_text(encoding="utf-8")
+            raise UserError(f"prompt file {path} not found" + (" (it is a folder)" if path.is_dir() else ""))
+        return decode_utf8(path.read_bytes(), path, 0, 0, False)  # a file that is not UTF-8: one line, as for data
     return start
 
 

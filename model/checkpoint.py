@@ -263,14 +263,17 @@ def base_weights(lora, model, allow_changed_base=False):
 
 # ---- vocabularies: ours, and nanoGPT's meta.pkl -------------------------------------------
 
-def tokenizer_from_checkpoint(ckpt, meta=""):
-    """The checkpoint's vocabulary, or (for a nanoGPT checkpoint, which has none) the
-    one in a nanoGPT meta.pkl. None when there is neither."""
-    if meta:
-        return tokenizer_from_meta(meta)
-    if ckpt.tokenizer is not None:
-        return tokenizer_from_dict(ckpt.tokenizer)
-    return None
+def tokenizer_from_checkpoint(ckpt, meta="", path=None):
+    """The checkpoint's vocabulary, or (for a nanoGPT checkpoint, which has none) the one in a
+    nanoGPT meta.pkl; None when there is neither. With `path` (opening a model to use it), one with
+    more tokens than the model has ids is a UserError: the two come from different models."""
+    tokenizer = tokenizer_from_meta(meta) if meta else tokenizer_from_dict(ckpt.tokenizer) if ckpt.tokenizer else None
+    ids = ckpt.model_config.vocab_size
+    if path is not None and tokenizer is not None and tokenizer.vocab_size > ids:
+        where = f"the vocabulary in {meta}" if meta else "its tokenizer"
+        raise UserError(f"{path}: {where} has {tokenizer.vocab_size} tokens but the model only {ids} ids; the two come "
+                        f"from different models")
+    return tokenizer
 
 
 class _PlainDataUnpickler(pickle.Unpickler):
@@ -343,5 +346,5 @@ def open_model(source, device="cpu", quiet=False):
     model = merge_adapters(model).eval()  # adapters folded in: as fast as any
     if device == "cpu":
         decode_layout(model)
-    tokenizer = tokenizer_from_checkpoint(ckpt, source.meta)
+    tokenizer = tokenizer_from_checkpoint(ckpt, source.meta, path)
     return OpenedModel(path, ckpt, model, tokenizer, task_from_checkpoint(ckpt, tokenizer), device)

@@ -53,7 +53,7 @@ def source_tokenizer(path, ckpt, meta):
     beside = Path(path).parent / "meta.pkl" if Path(path).is_file() else None
     if ckpt.tokenizer is None and not meta and beside is not None and beside.is_file():
         meta = str(beside)
-    tokenizer = tokenizer_from_checkpoint(ckpt, meta)
+    tokenizer = tokenizer_from_checkpoint(ckpt, meta, path)
     if tokenizer is None:
         raise UserError(f"{path} has no vocabulary (a nanoGPT checkpoint?) and no meta.pkl beside it; "
                         f"give one with --meta=path/to/meta.pkl")

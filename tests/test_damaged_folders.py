@@ -77,6 +77,8 @@ DAMAGE = {  # what is done to the folder -> what the one line must say
     "a tensor missing": (without_a_tensor, "weight"),
     "tokenizer_config not JSON": (lambda f: (f / "tokenizer_config.json").write_text("{oops"),
                                   "tokenizer_config.json cannot be read as JSON"),
+    "another model's tokenizer": (lambda f: byte_level_bpe(400).save(str(f / "tokenizer.json")),
+                                  "tokens but the model only"),
 }
 
 

@@ -228,6 +228,14 @@ def test_drop_unknown_and_long_prompt(trained_chinese, capsys):
     assert "the prompt has 39 tokens; the model reads its last 24 (block_size)" in capsys.readouterr().err
 
 
+def test_a_prompt_file_that_is_not_utf8_is_one_line(trained_chinese, tmp_path, capsys):
+    """Bug: --start=FILE:path with a GBK (or binary) file ended in a UnicodeDecodeError traceback."""
+    (tmp_path / "gbk.txt").write_bytes("天行健".encode("gbk"))
+    assert sample_cli.main([f"--out_dir={trained_chinese[0] / 'out' / 'chinese'}", f"--start=FILE:{tmp_path / 'gbk.txt'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {tmp_path / 'gbk.txt'} is not UTF-8 text: byte 0") and "iconv -f GBK" in err
+
+
 def test_no_checkpoint_says_how_to_train_one(capsys, in_tmp):
     assert sample_cli.main([]) == 2
     err = capsys.readouterr().err
