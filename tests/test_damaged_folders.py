@@ -15,6 +15,7 @@ from model.walkthrough import main as walk_main
 
 transformers = pytest.importorskip("transformers")  # the [hf] extra; CI installs it, so nothing skips there
 from safetensors.torch import load_file, save_file  # noqa: E402
+from tokenizers import Tokenizer  # noqa: E402
 from test_hf import byte_level_bpe, tiny_gpt2  # noqa: E402
 from test_hf_llama import tiny  # noqa: E402
 
@@ -57,6 +58,13 @@ def without_a_tensor(folder):
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def grown_tokenizer(path):
+    """The tokenizer of a model with 50 ids more than this one has."""
+    tok = Tokenizer.from_file(str(path))
+    tok.add_special_tokens([f"<extra_{i}>" for i in range(50)])
+    tok.save(str(path))
+
+
 def truncated(folder):
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
@@ -77,8 +85,7 @@ DAMAGE = {  # what is done to the folder -> what the one line must say
     "a tensor missing": (without_a_tensor, "weight"),
     "tokenizer_config not JSON": (lambda f: (f / "tokenizer_config.json").write_text("{oops"),
                                   "tokenizer_config.json cannot be read as JSON"),
-    "another model's tokenizer": (lambda f: byte_level_bpe(400).save(str(f / "tokenizer.json")),
-                                  "tokens but the model only"),
+    "another model's tokenizer": (lambda f: grown_tokenizer(f / "tokenizer.json"), "tokens but the model only"),
 }
 
 
