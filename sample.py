@@ -48,7 +48,7 @@ def sample(argv):
     if isinstance(task, SortTask):
         return score_sort(opened.model, task) if cfg.eval else show_sort(engine, task, prompt, cfg.num_samples, cfg.seed)
     if isinstance(task, ChatTask) and cfg.chat:
-        return converse(engine, task, cfg.rules(task), cfg.system, cfg.drop_unknown)  # 130 after Ctrl-C
+        return converse(engine, task, cfg.rules(task), cfg.system, cfg.drop_unknown)
     if isinstance(task, ChatTask):
         return answer(engine, task, prompt, cfg.rules(task), cfg.num_samples, cfg.system, cfg.drop_unknown)
     return continue_text(engine, task, prompt, cfg.rules(task), cfg.num_samples, cfg.drop_unknown)

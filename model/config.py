@@ -30,7 +30,8 @@ ModelOptions = make_dataclass("ModelOptions", [(f.name, f.type, field(default=SM
 def run_command(body, argv, failures=()):
     """What every command line does around its work: body(argv) gives the exit code; a
     UserError prints 'error: ...' and exits 2; the exceptions in `failures` (a diverged run,
-    a failed check) print the same way and exit 1. Anything else is a bug: its traceback shows."""
+    a failed check) print the same way and exit 1; Ctrl-C ends it with the shell's code for it,
+    130, and no traceback. Anything else is a bug: its traceback shows."""
     try:
         return body(argv)
     except UserError as e:
@@ -39,6 +40,9 @@ def run_command(body, argv, failures=()):
     except failures as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)  # the line the interrupted output was on ends
+        return 130
 
 
 @dataclass

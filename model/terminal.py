@@ -138,8 +138,8 @@ def answer(engine, task, question, rules, count, system="", drop_unknown=False):
 def converse(engine, task, rules, system="", drop_unknown=False):
     """sample.py --chat: a conversation in the terminal. Each user turn (a line) gets a reply,
     streamed; the history is kept (oldest turns dropped to fit block_size, said so). /reset starts
-    again, /quit, Ctrl-D or Ctrl-C end. From a pipe: one reply per line read, nothing else
-    printed. Turn t draws with seed + t."""
+    again, /quit, Ctrl-D or Ctrl-C (the command's code 130) end. From a pipe: one reply per line
+    read, nothing else printed. Turn t draws with seed + t."""
     interactive = sys.stdin.isatty()
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 become one clear line, in any locale
         sys.stdin.reconfigure(errors="surrogateescape")
@@ -165,9 +165,6 @@ def converse(engine, task, rules, system="", drop_unknown=False):
                       f"exchange(s) at most), so its replies may get worse; /reset starts a new one", file=sys.stderr)
     except EOFError:
         pass
-    except KeyboardInterrupt:  # Ctrl-C: end the conversation, as Ctrl-D does, with the shell's code for it
-        print(file=sys.stderr)
-        return 130
     return 0
 
 

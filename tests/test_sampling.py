@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sample as sample_cli
-from conftest import EXPLAINER_ARCH, LLAMA_ARCH, MINGPT_ARCH, QWEN3_ARCH, random_model, working_dir
+from conftest import EXPLAINER_ARCH, LLAMA_ARCH, MINGPT_ARCH, QWEN3_ARCH, ROOT, command, random_model, working_dir
 from model.engine import Engine, Request, Rules, complete, generate, new_cache, next_token_probs, sample_next_token
 
 
@@ -234,6 +234,19 @@ def test_a_prompt_file_that_is_not_utf8_is_one_line(trained_chinese, tmp_path, c
     assert sample_cli.main([f"--out_dir={trained_chinese[0] / 'out' / 'chinese'}", f"--start=FILE:{tmp_path / 'gbk.txt'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {tmp_path / 'gbk.txt'} is not UTF-8 text: byte 0") and "iconv -f GBK" in err
+
+
+def test_ctrl_c_while_writing_ends_cleanly(trained_chinese):
+    """Bug: Ctrl-C while sample.py writes a long continuation ended in a KeyboardInterrupt traceback."""
+    import signal
+    import subprocess
+    proc = subprocess.Popen(command(ROOT / "sample.py", f"--out_dir={trained_chinese[0] / 'out' / 'chinese'}",
+                                    "--start=天", "--max_new_tokens=1000000", "--num_samples=1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.read(20), "it writes"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
 
 
 def test_no_checkpoint_says_how_to_train_one(capsys, in_tmp):

@@ -14,10 +14,7 @@ def serve(argv):
         if e.name not in ("starlette", "uvicorn"):
             raise
         raise UserError(f"serving needs the [serve] extra ({e.name} is missing): pip install -e \".[serve]\"") from None
-    try:
-        return run(argv)
-    except KeyboardInterrupt:  # Ctrl-C before the server runs (uvicorn stops cleanly on it after)
-        return 130
+    return run(argv)  # Ctrl-C: run_command's 130 (uvicorn stops cleanly on it first)
 
 
 if __name__ == "__main__":
