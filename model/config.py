@@ -4,6 +4,7 @@ and then from `--key=value` / `--key value` flags."""
 
 import ast
 import difflib
+import os
 import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
@@ -31,7 +32,8 @@ def run_command(body, argv, failures=()):
     """What every command line does around its work: body(argv) gives the exit code; a
     UserError prints 'error: ...' and exits 2; the exceptions in `failures` (a diverged run,
     a failed check) print the same way and exit 1; Ctrl-C ends it with the shell's code for it,
-    130, and no traceback. Anything else is a bug: its traceback shows."""
+    130, and no traceback, and so does a reader that closed the output (141). Anything else is a
+    bug: its traceback shows."""
     try:
         return body(argv)
     except UserError as e:
@@ -43,6 +45,9 @@ def run_command(body, argv, failures=()):
     except KeyboardInterrupt:
         print(file=sys.stderr)  # the line the interrupted output was on ends
         return 130
+    except BrokenPipeError:  # whoever read the output stopped (| head): quietly, as the shell's code for it says
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail again
+        return 141
 
 
 @dataclass

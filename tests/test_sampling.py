@@ -1,5 +1,7 @@
 """Sampling maths, the KV cache, and sample.py."""
 
+import sys
+
 import pytest
 import torch
 
@@ -247,6 +249,18 @@ def test_ctrl_c_while_writing_ends_cleanly(trained_chinese):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+def test_a_reader_that_stops_reading_ends_it_quietly(trained_chinese):
+    """Bug: sample.py | head ended in a BrokenPipeError traceback (and another at exit)."""
+    import subprocess
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), f"--out_dir={trained_chinese[0] / 'out' / 'chinese'}",
+                             "--start=天", "--max_new_tokens=100000", "--num_samples=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.read(20)
+    proc.stdout.close()  # as head does once it has its lines
+    err = proc.stderr.read()
+    assert proc.wait(60) == 141 and "Traceback" not in err and "Exception ignored" not in err, err
 
 
 def test_no_checkpoint_says_how_to_train_one(capsys, in_tmp):
