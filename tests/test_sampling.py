@@ -128,9 +128,9 @@ def test_the_engine_writes_the_tokens_generate_writes(arch, use_cache):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(11, (n,), generator=g).tolist() for n in (1, 5, 8, 13, 3)]
     requests = Engine(model, max_batch=3, use_cache=use_cache).complete(
-        [Request(p, Rules(max_tokens=30, temperature=0.0)) for p in prompts])
+        [Request(p, Rules(max_tokens=20, temperature=0.0)) for p in prompts])
     for p, request in zip(prompts, requests):
-        assert request.tokens == generate(model, torch.tensor([p]), 30, temperature=0.0)[0, len(p):].tolist(), p
+        assert request.tokens == generate(model, torch.tensor([p]), 20, temperature=0.0)[0, len(p):].tolist(), p
     for seed in (1, 2):
         sampled = Engine(model, use_cache=use_cache).complete([Request(prompts[1], Rules(20, 1.0, top_k=6, seed=seed))])
         expected = generate(model, torch.tensor([prompts[1]]), 20, 1.0, top_k=6, generator=torch.Generator().manual_seed(seed))
@@ -238,17 +238,22 @@ def test_a_prompt_file_that_is_not_utf8_is_one_line(trained_chinese, tmp_path, c
     assert err.startswith(f"error: {tmp_path / 'gbk.txt'} is not UTF-8 text: byte 0") and "iconv -f GBK" in err
 
 
-def test_ctrl_c_while_writing_ends_cleanly(trained_chinese):
+def test_ctrl_c_while_writing_ends_cleanly(trained_chinese, monkeypatch, capsys):
     """Bug: Ctrl-C while sample.py writes a long continuation ended in a KeyboardInterrupt traceback."""
-    import signal
-    import subprocess
-    proc = subprocess.Popen(command(ROOT / "sample.py", f"--out_dir={trained_chinese[0] / 'out' / 'chinese'}",
-                                    "--start=天", "--max_new_tokens=1000000", "--num_samples=1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.read(20), "it writes"
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    from model.engine import Engine
+    rounds, real = [], Engine.round
+
+    def interrupted(self, joining):  # Ctrl-C arrives while the engine decodes its fifth token
+        rounds.append(1)
+        if len(rounds) == 5:
+            raise KeyboardInterrupt
+        return real(self, joining)
+
+    monkeypatch.setattr(Engine, "round", interrupted)
+    code = sample_cli.main([f"--out_dir={trained_chinese[0] / 'out' / 'chinese'}", "--start=天", "--max_new_tokens=1000",
+                            "--num_samples=1"])
+    out, err = capsys.readouterr()
+    assert code == 130 and len(out) == 5 and "Traceback" not in err, (out, err)  # 天 and the 4 tokens it wrote
 
 
 def test_a_reader_that_stops_reading_ends_it_quietly(trained_chinese):
