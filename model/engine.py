@@ -99,19 +99,28 @@ class RaggedKVCache(KVCache):
         self.length = max(self.lengths[self.rows])  # the longest row: what the model checks against block_size
 
     def start(self, T, device):
-        """-> (positions (B, T), mask (B, 1, T, S)): query t of row b sees keys 0 .. lengths[b] + t."""
-        past = torch.tensor(self.lengths[self.rows], dtype=torch.long, device=device)
+        """-> (positions (B, T), mask (B, 1, T, S)): query t of row b sees keys 0 .. lengths[b] + t.
+        Rows all at one position (one sequence, or samples of one prompt) take the plain cache's way
+        (positions (T,), the usual causal mask): the same numbers, without the mask's cost."""
+        lengths = self.lengths[self.rows]
+        if min(lengths) == max(lengths):
+            self.pos = None
+            return super().start(T, device)
+        past = torch.tensor(lengths, dtype=torch.long, device=device)
         self.pos = past[:, None] + torch.arange(T, device=device)  # (B, T)
         keys = torch.arange(self.length + T, device=device)
         return self.pos, keys[None, None, None, :] <= self.pos[:, None, :, None]
 
     def append(self, layer, k, v):
         """Store k, v (B, nkv, T, hs) at each row's positions; return the rows' keys and values so far."""
-        where = self.pos[:, None, :, None].expand_as(k)
         keys, values = self.keys[layer][self.rows], self.values[layer][self.rows]
-        keys.scatter_(2, where, k.to(keys.dtype))  # under autocast k may be bfloat16 in a float32 cache
-        values.scatter_(2, where, v.to(values.dtype))
         end = self.length + k.size(2)
+        if self.pos is None:  # every row at self.length
+            keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
+        else:
+            where = self.pos[:, None, :, None].expand_as(k)
+            keys.scatter_(2, where, k.to(keys.dtype))  # under autocast k may be bfloat16 in a float32 cache
+            values.scatter_(2, where, v.to(values.dtype))
         return keys[:, :, :end], values[:, :, :end]
 
     def advance(self, T):
@@ -534,12 +543,15 @@ class Engine:
                 none = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
                 logits.masked_fill_(torch.stack([none if m is None else m for m in masks]), float("-inf"))
         tokens = logits.argmax(dim=-1).tolist()
+        alike = {}  # rows drawn under the same rules share one softmax; each draws with its own random numbers
         for b, request in enumerate(requests):
             rules = request.rules
             if rules.temperature > 0:
-                row = logits[b:b + 1, :rules.vocab_limit]
-                tokens[b] = sample_next_token(row, rules.temperature, rules.top_k, rules.top_p,
-                                              request.generator).item()
+                alike.setdefault((rules.temperature, rules.top_k, rules.top_p, rules.vocab_limit), []).append(b)
+        for (temperature, top_k, top_p, limit), rows in alike.items():
+            probs = next_token_probs(logits[rows, :limit], temperature, top_k, top_p)
+            for b, p in zip(rows, probs):
+                tokens[b] = torch.multinomial(p, 1, generator=requests[b].generator).item()
         return tokens
 
     def never_drawn(self, rules, vocab):
