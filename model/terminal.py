@@ -71,13 +71,13 @@ def show_sort(engine, task, prompt, count, seed):
     requests = engine.complete([Request(row, task.rules) for row in letters.tolist()])
     heldout, decode = set(task.splits["val"].tolist()), task.tokenizer.decode
     for inp, request, number in zip(letters, requests, task.numbers(letters).tolist()):
-        expected = decode(inp.sort().values.tolist())
-        mark = "right" if decode(request.tokens) == expected else f"wrong, expected {expected}"
+        answer, expected = decode(request.tokens), decode(inp.sort().values.tolist())
+        print(f"{decode(inp.tolist())} -> {answer}", end="")
+        if prompt:
+            print("" if answer == expected else f"\n(wrong: sorted is {expected})")
+            continue
         where = ("held-out" if number in heldout else "seen in training") if task.split_known else "split unknown"
-        line = f"{decode(inp.tolist())} -> {decode(request.tokens)}"
-        print(line if prompt else f"{line}  ({mark}; {where})")
-    if prompt and decode(requests[0].tokens) != decode(letters[0].sort().values.tolist()):
-        print(f"(wrong: sorted is {decode(letters[0].sort().values.tolist())})")
+        print(f"  ({'right' if answer == expected else f'wrong, expected {expected}'}; {where})")
 
 
 def score_sort(model, task):

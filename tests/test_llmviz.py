@@ -11,7 +11,7 @@ import torch
 import sample as sample_cli
 from conftest import ROOT
 from model import reference as ref
-from model.checkpoint import load_checkpoint, open_model
+from model.checkpoint import open_model
 from model.convert import main as convert_main
 from model.llmviz import decode_tensor
 

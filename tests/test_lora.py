@@ -9,7 +9,7 @@ import torch
 
 import sample as sample_cli
 from conftest import LLAMA_ARCH, ROOT, random_model, run_training, working_dir
-from model.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, open_model, save_checkpoint
+from model.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint, save_checkpoint
 from model.convert import main as convert_main
 from model.gpt import GPT, GPTConfig
 from model.lora import LoRAConfig, add_adapters, merge_adapters

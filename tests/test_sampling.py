@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sample as sample_cli
-from conftest import EXPLAINER_ARCH, LLAMA_ARCH, MINGPT_ARCH, QWEN3_ARCH, ROOT, command, random_model, working_dir
+from conftest import EXPLAINER_ARCH, LLAMA_ARCH, MINGPT_ARCH, QWEN3_ARCH, ROOT, random_model, working_dir
 from model.engine import Engine, Request, Rules, complete, generate, new_cache, next_token_probs, sample_next_token
 
 

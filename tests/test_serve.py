@@ -4,7 +4,6 @@ each request decoded alone, every bad request a 4xx, and the chat page in Chromi
 import contextlib
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
