@@ -5,8 +5,8 @@ opens a model to use it.
 On disk a checkpoint is nanoGPT's dict (model, model_args, optimizer, iter_num, best_val_loss,
 config), so nanoGPT's sample.py loads ours: model_args holds exactly the fields nanoGPT's
 GPTConfig takes, and our other architecture choices go in model_extra, which nanoGPT ignores.
-Beside them: tokenizer, task, lora (an adapter checkpoint's settings and base) and chat (a
-Hugging Face folder's chat template).
+Beside them: tokenizer, task, lora (an adapter checkpoint's settings and base), chat (a
+Hugging Face folder's chat template) and reference (the frozen start of preference tuning or RL).
 """
 
 import hashlib
@@ -48,6 +48,7 @@ class Checkpoint:
     config: dict = field(default_factory=dict)  # the run's settings, or where the model came from
     lora: Optional[LoRAConfig] = None  # an adapter checkpoint's LoRA settings and base
     chat: Optional[dict] = None  # a Hugging Face folder's chat template (ChatTemplate's plain data)
+    reference: Optional[dict] = None  # DPO/GRPO of a whole model: the frozen start's {"path", "digest"}
 
     def to_dict(self):
         values = asdict(self.model_config)
@@ -55,7 +56,8 @@ class Checkpoint:
                "model_extra": {k: values[k] for k in STORED_FIELDS if k not in NANOGPT_FIELDS},
                "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "config": self.config}
         optional = {"optimizer": self.optimizer, "tokenizer": self.tokenizer, "task": self.task,
-                    "lora": self.lora.to_dict() if self.lora else None, "chat": self.chat}
+                    "lora": self.lora.to_dict() if self.lora else None, "chat": self.chat,
+                    "reference": self.reference}
         return {**out, **{k: v for k, v in optional.items() if v is not None}}
 
     @classmethod
@@ -74,7 +76,7 @@ class Checkpoint:
             lora = {**lora, "base": d.get("base", "")}
         return cls(clean_state_dict(d["model"]), config, d.get("tokenizer"), d.get("task"), d.get("iter_num", 0),
                    float(d.get("best_val_loss", float("inf"))), d.get("optimizer"), d.get("config") or {},
-                   LoRAConfig(**lora) if lora is not None else None, d.get("chat"))
+                   LoRAConfig(**lora) if lora is not None else None, d.get("chat"), d.get("reference"))
 
 
 def clean_state_dict(state_dict):

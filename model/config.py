@@ -70,6 +70,18 @@ class TrainConfig(ModelOptions, DataSettings):
     lora_dropout: float = 0.0
     lora_targets: str = "attention"  # 'attention', 'mlp', 'all', or layer names like 'c_attn,c_fc'
     allow_changed_base: bool = False  # resuming adapters whose base's weights changed since: go on anyway
+    # preference tuning (DPO: a .jsonl of chosen/rejected pairs picks it) and reinforcement learning from
+    # rewards (GRPO: --reward picks it), from a model that answers; the names are TRL's
+    beta: float = 0.1  # DPO: how far the policy may move from the reference; GRPO: the KL penalty's weight (0: none)
+    loss_type: str = "sigmoid"  # DPO: 'sigmoid' (the paper's loss) or 'ipo'
+    label_smoothing: float = 0.0  # DPO: the share of pairs taken to be mislabelled (conservative DPO)
+    reward: str = ""  # GRPO: reward functions, comma-separated: exact_match, sort, or path/to/file.py:function
+    reward_weights: str = ""  # GRPO: one weight per reward, comma-separated (default: 1 each)
+    num_generations: int = 8  # GRPO: samples of each prompt (a group); a step has batch_size prompts
+    max_completion_length: int = 64  # GRPO: new tokens of a sample at most
+    temperature: float = 1.0  # GRPO: the samples' temperature
+    epsilon: float = 0.2  # GRPO: the importance ratio is clipped to [1 - epsilon, 1 + epsilon]
+    num_iterations: int = 1  # GRPO: optimizer steps on each batch of samples
     # AdamW and the learning-rate schedule (linear warmup, then cosine decay to min_lr)
     learning_rate: float = 1e-3
     max_iters: int = 5000
@@ -99,6 +111,21 @@ class TrainConfig(ModelOptions, DataSettings):
         return replace(self, lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                        lora_targets=lora.targets)
 
+    def validate_alignment(self):
+        if self.beta < 0 or self.loss_type not in ("sigmoid", "ipo") or not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"DPO needs beta >= 0, loss_type 'sigmoid' or 'ipo' and label_smoothing in [0, 0.5); got "
+                            f"{self.beta}, {self.loss_type!r}, {self.label_smoothing}")
+        if self.loss_type == "ipo" and self.beta == 0:
+            raise UserError("loss_type='ipo' divides by beta: give beta > 0")
+        if self.num_generations < 2:
+            raise UserError(f"num_generations must be at least 2 (a sample's advantage is against its group's), "
+                            f"got {self.num_generations}")
+        for name in ("max_completion_length", "num_iterations"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.temperature <= 0 or self.epsilon <= 0:
+            raise UserError(f"GRPO needs temperature > 0 and epsilon > 0, got {self.temperature} and {self.epsilon}")
+
     def validate(self):
         positive = ("eval_interval", "eval_iters", "log_interval", "batch_size",
                     "gradient_accumulation_steps", "sort_length")
@@ -118,6 +145,7 @@ class TrainConfig(ModelOptions, DataSettings):
         if self.lora_rank and self.init_from == "scratch":
             raise UserError("LoRA adapts a trained model: give the base with --init_from=out_dir, ckpt.pt or a "
                             "Hugging Face folder (or leave --lora_rank=0 to train from scratch)")
+        self.validate_alignment()
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         for name, allowed in {"task": tuple(TASKS), "dtype": ("auto", *DTYPES)}.items():

@@ -9,15 +9,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from model.checkpoint import (Checkpoint, check_writable, find_checkpoint, load_checkpoint, model_from_checkpoint,
-                              tokenizer_from_checkpoint, weights_digest)
+from model.align import DPO, GRPO, Reference
+from model.checkpoint import (Checkpoint, base_state, check_writable, find_checkpoint, load_checkpoint,
+                              model_from_checkpoint, tokenizer_from_checkpoint, weights_digest)
 from model.config import MODEL_FIELDS, format_config
 from model.errors import UserError
 from model.gpt import GPT, RUN_FIELDS, GPTConfig
 from model.lora import LoRAConfig, adapter_size, add_adapters, merge_adapters, store_frozen_in
 from model.memory import check_fits
+from model.rewards import Rewards
 from model.runtime import Runtime, setup_runtime
 from model.tasks import task_for_training
+from model.tasks.preference import PreferenceTask
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Run:
     best_val_loss: float = float("inf")
     saved_iter: Optional[int] = None  # the iteration of the state on disk (None: nothing saved yet)
     lora: Optional[LoRAConfig] = None  # LoRA: how the adapters were made and the base they are saved apart from
+    objective: object = None  # None: the model's cross-entropy; DPO or GRPO (model/align.py)
+    reference: Optional[dict] = None  # DPO/GRPO of a whole model: its frozen start, as the checkpoint records it
 
 
 def read_start(cfg):
@@ -138,28 +143,80 @@ def add_lora(model, lora, grown):
         model.lm_head.weight.requires_grad_(True)
 
 
+def frozen_start(cfg, start, model, lora):
+    """(Reference, the checkpoint's record of it) for DPO, or GRPO with a KL term. Under LoRA the
+    policy with its adapters off; else a frozen copy of the start: made now, or (resuming) read
+    again from where the record says, refused when its weights changed since."""
+    if lora:
+        return Reference(model), None
+    if start.mode == "finetune":
+        return Reference.copy_of(model), {"path": str(start.path), "digest": weights_digest(model.state_dict())}
+    record = start.ckpt.reference
+    if record is None:
+        raise UserError(f"{start.path} records no starting model to compare with; start this run again from the "
+                        f"model with --init_from")
+    state = base_state(record["path"])
+    if weights_digest(state) != record["digest"] and not cfg.allow_changed_base:
+        raise UserError(f"the reference model {record['path']} is not the one this run started from (its weights "
+                        f"changed since); start again from it, or pass --allow_changed_base=True to go on anyway")
+    frozen = GPT(model.config)
+    frozen.load_state_dict(state)
+    return Reference(model, frozen.to(next(model.parameters()).device)), record
+
+
+def objective_for(cfg, start, task, model, lora, rewards, rt):
+    """(what the run minimises, its reference's record): DPO for preferences, GRPO with rewards,
+    else None (the model's own loss)."""
+    preference, rewarded = isinstance(task, PreferenceTask), rewards is not None
+    if not (preference or rewarded):
+        if not hasattr(task, "get_batch"):
+            raise UserError(f"{cfg.data} holds prompts alone: give --reward to learn from rewards (GRPO)")
+        return None, None
+    what = "DPO" if preference else "GRPO"
+    if cfg.dropout:
+        raise UserError(f"{what} trains without dropout (as TRL does: the policy and the reference must compute "
+                        f"alike); leave --dropout=0")
+    if rewarded and (rt.ddp or cfg.gradient_accumulation_steps > 1):
+        raise UserError("GRPO runs in one process and one batch of samples a step: raise --batch_size instead of "
+                        "--gradient_accumulation_steps or processes")
+    if rewarded and not hasattr(task, "draw_prompts"):
+        raise UserError("GRPO learns from prompts: a .jsonl of prompts (--data), or a sorter to start from")
+    reference, record = frozen_start(cfg, start, model, lora) if preference or cfg.beta else (None, None)
+    if preference:
+        return DPO(reference, cfg.beta, cfg.loss_type, cfg.label_smoothing), record
+    return GRPO(rewards, reference, cfg.num_generations, cfg.max_completion_length, cfg.temperature, cfg.epsilon,
+                cfg.beta, cfg.num_iterations), record
+
+
+def rows_per_step(cfg, objective):
+    """Sequences a micro-step's forward reads: DPO reads both answers of each pair, GRPO every sample."""
+    return cfg.batch_size * {DPO: 2, GRPO: cfg.num_generations}.get(type(objective), 1)
+
+
 def prepare_run(cfg):
     """Set up devices, data, model and optimizer for a config (load_config checked it); print what was chosen."""
     rt = setup_runtime(cfg.device, cfg.dtype)
     cfg = replace(cfg, gradient_accumulation_steps=micro_steps(cfg, rt))
     if rt.master:
         check_writable(cfg.out_dir, "out_dir", "choose another with --out_dir")
+    rewards = Rewards.parse(cfg.reward, cfg.reward_weights) if cfg.reward else None  # a bad file: said before any work
     start = read_start(cfg)
     if start.mode == "resume":  # the checkpoint decides the task and the adapters
         cfg = replace(cfg.with_lora(start.ckpt.lora), task=start.ckpt.task["type"])
     with rank0_first(rt):
-        task = task_for_training(cfg.data_settings(), start)
+        task = task_for_training(cfg.data_settings(), start, rewarded=rewards is not None)
     model, lora = build_model(cfg, start, task)
     model.to(rt.device, dtype=torch.float64 if rt.dtype == torch.float64 else torch.float32)
     if lora and rt.dtype in (torch.bfloat16, torch.float16):
         store_frozen_in(model, rt.dtype)  # the base never changes: no float32 copy of it
+    objective, reference = objective_for(cfg, start, task, model, lora, rewards, rt)
     cfg = replace(cfg, block_size=task.block_size, **{k: getattr(model.config, k) for k in MODEL_FIELDS})
     memory = check_fits(model.config, model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad),
-                        cfg.batch_size, rt.device, 8 if rt.dtype == torch.float64 else 4,
+                        rows_per_step(cfg, objective), rt.device, 8 if rt.dtype == torch.float64 else 4,
                         rt.dtype in (torch.bfloat16, torch.float16),
                         adapter_size(model, LoRAConfig(8, targets="all")), start.mode == "finetune")
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), rt.device_type)
-    run = Run(cfg, rt, model, optimizer, task, lora=lora)
+    run = Run(cfg, rt, model, optimizer, task, lora=lora, objective=objective, reference=reference)
     if start.mode == "resume":
         optimizer.load_state_dict(start.ckpt.optimizer)
         run.iter_num, run.best_val_loss = start.ckpt.iter_num, start.ckpt.best_val_loss

@@ -17,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from model.align import DPO, GRPO
 from model.checkpoint import Checkpoint, save_run
 from model.errors import UserError
 from model.eval import answer_scores
@@ -33,9 +34,16 @@ class TrainingDiverged(RuntimeError):
 
 # ---- one optimizer step -------------------------------------------------------------------
 
-def train_step(model, optimizer, batches, lr, grad_clip, autocast=None, scaler=None):
+def lm_loss(model, x, y):
+    """The model's own loss, the mean cross-entropy over the targets (no metrics beside it)."""
+    return model(x, y)[1], {}
+
+
+def train_step(model, optimizer, batches, lr, grad_clip, autocast=None, scaler=None, loss_fn=lm_loss, stats=None):
     """One optimizer step over the micro-batches [(x, y), ...] (gradient accumulation).
     Under DDP the gradients are averaged across processes once, on the last micro-batch.
+    loss_fn(model, x, y) -> (loss, metrics): the cross-entropy, or DPO's or GRPO's (model/align.py),
+    whose metrics (detached tensors), averaged over the micro-batches, go into `stats`.
     Returns the mean loss over the micro-batches (a detached tensor)."""
     autocast = autocast or nullcontext()
     scaler = scaler or torch.amp.GradScaler(enabled=False)
@@ -46,10 +54,13 @@ def train_step(model, optimizer, batches, lr, grad_clip, autocast=None, scaler=N
         last = i == len(batches) - 1
         with model.no_sync() if isinstance(model, DDP) and not last else nullcontext():
             with autocast:
-                _, loss = model(x, y)
+                loss, metrics = loss_fn(model, x, y)
             loss = loss / len(batches)
             scaler.scale(loss).backward()
         total = total + loss.detach()
+        if stats is not None:
+            for k, v in metrics.items():
+                stats[k] = (stats[k] if i else 0.0) + v.detach() / len(batches)
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -57,6 +68,28 @@ def train_step(model, optimizer, batches, lr, grad_clip, autocast=None, scaler=N
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+def rl_step(run, model, it, lr, autocast, scaler, stats):
+    """GRPO's iteration: sample a group for each of batch_size training prompts (drawn, like every
+    sample, from the seed and the iteration: a resumed run samples what it would have), score them,
+    then num_iterations optimizer steps on them."""
+    cfg, grpo = run.cfg, run.objective
+    rows = run.task.draw_prompts("train", cfg.batch_size, torch.Generator().manual_seed(derived_seed(cfg.seed, it)))
+    with autocast:
+        rollouts = grpo.rollouts(run.model, run.task, rows, derived_seed(cfg.seed, it, -2))
+    for _ in range(grpo.num_iterations):
+        loss = train_step(model, run.optimizer, [(rollouts.x, rollouts.y)], lr, cfg.grad_clip, autocast, scaler,
+                          grpo.loss_fn(rollouts), stats)
+    return loss
+
+
+def iteration(run, model, it, lr, autocast, scaler, stats):
+    """One iteration's optimizer step(s): GRPO's, or one step on the task's batches under the run's loss."""
+    if isinstance(run.objective, GRPO):
+        return rl_step(run, model, it, lr, autocast, scaler, stats)
+    return train_step(model, run.optimizer, micro_batches(run, it), lr, run.cfg.grad_clip, autocast, scaler,
+                      run.objective or lm_loss, stats)
 
 
 def derived_seed(*parts):
@@ -97,7 +130,7 @@ def estimate_losses(run, autocast):
             g = torch.Generator().manual_seed(derived_seed(cfg.seed, -1, k))
             x, y = run.task.get_batch(split, cfg.batch_size, g)
             with autocast:
-                _, loss = model(to_device(x, run.rt), to_device(y, run.rt))
+                loss, _ = (run.objective or lm_loss)(model, to_device(x, run.rt), to_device(y, run.rt))
             total = total + loss.float()
         out[f"{split}_loss"] = total.item() / cfg.eval_iters  # one read of the device per split
     model.train()
@@ -105,10 +138,31 @@ def estimate_losses(run, autocast):
 
 
 def evaluate(run, autocast):
-    ev = estimate_losses(run, autocast)
+    """The losses (GRPO has none to estimate: its samples are its data), the exact match of greedy
+    replies where the task knows the right ones, and DPO's preference accuracy on the held-out pairs."""
+    ev = {} if isinstance(run.objective, GRPO) else estimate_losses(run, autocast)
     with autocast:  # in the run's precision, as training (a LoRA run's frozen base may be bfloat16)
         ev.update(answer_scores(run.model, run.task))
+        if isinstance(run.objective, DPO):
+            ev.update(preference_scores(run))
     return ev
+
+
+@torch.no_grad()
+def preference_scores(run):
+    """TRL's eval_rewards/accuracies and eval_rewards/margins over the held-out pairs (up to EVAL_LIMIT)."""
+    pairs, size = run.task.pairs["val"][:run.task.EVAL_LIMIT], run.cfg.batch_size
+    if not pairs:
+        return {}
+    run.model.eval()
+    sums = {"rewards/accuracies": 0.0, "rewards/margins": 0.0}
+    for i in range(0, len(pairs), size):
+        x, y = run.task.batch_of(pairs[i:i + size])
+        _, metrics = run.objective(run.model, to_device(x, run.rt), to_device(y, run.rt))
+        for k in sums:
+            sums[k] += metrics[k].item() * len(pairs[i:i + size])
+    run.model.train()
+    return {f"eval_{k}": v / len(pairs) for k, v in sums.items()}
 
 
 def run_config(run):
@@ -121,7 +175,7 @@ def checkpoint_of(run):
     """The run as a Checkpoint; an adapter checkpoint holds only what trained (its base is named in lora)."""
     return Checkpoint(adapter_state(run.model) if run.lora else run.model.state_dict(), run.model.config,
                       run.task.tokenizer.to_dict(), run.task.state(), run.iter_num, run.best_val_loss,
-                      run.optimizer.state_dict(), run_config(run), run.lora)
+                      run.optimizer.state_dict(), run_config(run), run.lora, reference=run.reference)
 
 
 def save(run):
@@ -186,6 +240,9 @@ class StopRequest:
 
 # ---- the loop -----------------------------------------------------------------------------
 
+BAR = {"rewards/accuracies": "pref_acc", "rewards/margins": "margin", "reward": "reward", "kl": "kl"}  # shown as
+
+
 class Progress:
     """What the loop shows and keeps while it runs: the bar, the metrics log (rank 0), the
     summary it returns, and the clock for tokens/s (which counts training steps only)."""
@@ -204,23 +261,28 @@ class Progress:
         """Whether this iteration's loss is logged: every log_interval, and the first."""
         return run.iter_num % run.cfg.log_interval == 0 or run.iter_num == 1
 
-    def step(self, run, loss, lr):
-        """The loss read at this iteration: the bar, the log (on log iterations), tokens/s since the last read."""
+    def step(self, run, loss, lr, stats):
+        """The loss (and DPO's or GRPO's metrics, `stats`) read at this iteration: the bar, the log
+        (on log iterations), tokens/s since the last read."""
         now, it = time.time(), run.iter_num
         tok_s = self.tokens_per_iter * (it - self.last_iter) / max(now - self.last, 1e-9)
         self.last, self.last_iter = now, it
         self.summary["loss"] = loss
+        stats = {k: float(v) for k, v in stats.items()}
         if self.log and self.logs(run):
-            self.log.write(iter=it, loss=loss, lr=lr, tokens_per_s=tok_s, time_s=now - self.start)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", **self.shown, refresh=False)
+            self.log.write(iter=it, loss=loss, lr=lr, tokens_per_s=tok_s, time_s=now - self.start, **stats)
+        shown = {BAR[k]: f"{v:.3g}" for k, v in stats.items() if k in BAR}
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", **shown, **self.shown,
+                             refresh=False)
 
     def evaluation(self, run, ev):
         self.summary.update(ev)
-        self.shown = {k.replace("_acc", ""): f"{v:.1%}" for k, v in ev.items() if k.endswith("_acc")}
+        self.shown = {k.replace("_acc", "").replace("eval_rewards/accuracies", "heldout_pref"): f"{v:.1%}"
+                      for k, v in ev.items() if k.endswith(("_acc", "accuracies"))}
         if self.log:
             self.log.write(iter=run.iter_num, time_s=time.time() - self.start, **ev)
             self.bar.write(f"iter {run.iter_num}: " + ", ".join(
-                f"{k} {v:.1%}" if k.endswith("_acc") else f"{k} {v:.4f}" for k, v in ev.items()))
+                f"{k} {v:.1%}" if k.endswith(("_acc", "accuracies")) else f"{k} {v:.4f}" for k, v in ev.items()))
 
     def close(self):
         self.bar.close()
@@ -246,12 +308,16 @@ def train_loop(run):
     scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == torch.float16)
     progress = Progress(run)
     try:
+        if run.objective is not None and run.iter_num == 0:  # where tuning starts from, for comparison (TRL's eval_on_start)
+            progress.evaluation(run, evaluate(run, autocast))
+            progress.last = time.time()  # tokens/s counts training steps, not evaluation
         with StopRequest() as stop:
             while run.iter_num < cfg.max_iters:
                 it = run.iter_num
                 torch.manual_seed(derived_seed(cfg.seed, it, rt.rank))  # dropout
                 lr = get_lr(it, cfg)
-                loss = train_step(model, run.optimizer, micro_batches(run, it), lr, cfg.grad_clip, autocast, scaler)
+                stats = {}
+                loss = iteration(run, model, it, lr, autocast, scaler, stats)
                 run.iter_num += 1
                 progress.bar.update(1)
                 at_eval = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
@@ -260,7 +326,7 @@ def train_loop(run):
                 if at_eval or progress.logs(run) or (stop.requested and not rt.ddp):
                     loss, stop_now = reduce_across_ranks(rt, loss.item(), stop.requested)
                     check_finite(loss, it, cfg)
-                    progress.step(run, loss, lr)
+                    progress.step(run, loss, lr, stats)
                     if stop_now:
                         progress.summary["stopped"] = "interrupted"
                         break
@@ -284,8 +350,8 @@ def evaluate_and_save(run, progress, autocast):
     the task is solved and the config says to stop then."""
     ev = evaluate(run, autocast)
     progress.evaluation(run, ev)
-    improved = ev["val_loss"] < run.best_val_loss
-    run.best_val_loss = min(run.best_val_loss, ev["val_loss"])
+    improved = ev.get("val_loss", -math.inf) < run.best_val_loss  # GRPO estimates no loss: each evaluation counts
+    run.best_val_loss = min(run.best_val_loss, ev.get("val_loss", math.inf))
     if run.rt.master and (improved or run.cfg.always_save_checkpoint):
         progress.summary["checkpoint"] = str(save(run))
     progress.last, progress.last_iter = time.time(), run.iter_num  # tokens/s counts training steps, not evaluation

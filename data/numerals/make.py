@@ -3,10 +3,16 @@ completion, e.g. {"prompt": "305", "completion": "三百零五"}. A task generat
 model's held-out exact match measures whether it learned the rule (zeros read as one 零, none at
 the end; 10-19 without a leading 一), not whether it remembers answers.
 
+Beside it, for preference tuning (configs/dpo.py): styles.jsonl, the same pairs answered in one of
+two styles drawn at random (三百零五, or the sentence 读作三百零五。 "read as 三百零五."), so a model
+trained on it is undecided between them; and prefs.jsonl, each number's sentence chosen over the
+bare numeral, TRL's preference format.
+
     python data/numerals/make.py
 """
 
 import json
+import random
 from pathlib import Path
 
 DIGITS = "零一二三四五六七八九"
@@ -28,8 +34,18 @@ def chinese(n):
     return out[1:] if 10 <= n <= 19 else out  # 十五, not 一十五
 
 
+def sentence(n):
+    return f"读作{chinese(n)}。"
+
+
+def write(name, records):
+    path = Path(__file__).with_name(name)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    print(f"{path}: {len(records)} lines")
+
+
 if __name__ == "__main__":
-    path = Path(__file__).with_name("numerals.jsonl")
-    lines = [json.dumps({"prompt": str(n), "completion": chinese(n)}, ensure_ascii=False) for n in range(10000)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"{path}: {len(lines)} pairs")
+    write("numerals.jsonl", [{"prompt": str(n), "completion": chinese(n)} for n in range(10000)])
+    style = random.Random(0)
+    write("styles.jsonl", [{"prompt": str(n), "completion": style.choice([chinese(n), sentence(n)])} for n in range(10000)])
+    write("prefs.jsonl", [{"prompt": str(n), "chosen": sentence(n), "rejected": chinese(n)} for n in range(10000)])

@@ -1,5 +1,5 @@
-"""The tasks a model learns: sorting letters, plain text, and answers (prompt / completion pairs
-and conversations). A task describes data, nothing else: how examples become tokens and a loss
+"""The tasks a model learns: sorting letters, plain text, answers (prompt / completion pairs
+and conversations), preferences between two answers (DPO) and prompts scored by rewards (GRPO). A task describes data, nothing else: how examples become tokens and a loss
 mask, what a batch is, how a prompt is encoded, and what a right answer is. What is done with a
 model (decoding, scoring, printing, plotting) lives with its callers.
 """
@@ -8,14 +8,19 @@ from pathlib import Path
 from typing import Protocol
 
 from model.engine import Rules
+from model.data import TextSource
 from model.tasks.chat import ChatTask
+from model.tasks.preference import PreferenceTask
+from model.tasks.prompts import PromptTask
+from model.tasks.records import first_keys
 from model.tasks.sort import SortTask
 from model.tasks.text import TextTask
 
 
 class Task(Protocol):
     """What every task gives. Batches are (x, y) pairs of (B, T) int64 tensors, y being x shifted
-    by one token, with -1 where no loss is taken."""
+    by one token, with -1 where no loss is taken. Tasks learned from rewards (the sorter, prompts)
+    give draw_prompts(split, n, generator) instead: rows {"ids", "prompt", columns}."""
     tokenizer: object  # text <-> ids (None for a nanoGPT checkpoint without its meta.pkl: ids only)
     block_size: int  # the longest sequence the model reads
     model_vocab_size: int  # the model's ids (a subword vocabulary is padded past its tokenizer's)
@@ -38,14 +43,22 @@ class Task(Protocol):
         """Plain data for the checkpoint; from_state(state, tokenizer, block_size, model_vocab_size) reads it."""
 
 
-TASKS = {"text": TextTask, "sort": SortTask, "chat": ChatTask}  # the default first
+TASKS = {"text": TextTask, "sort": SortTask, "chat": ChatTask, "preference": PreferenceTask,
+         "prompts": PromptTask}  # the default first
 
 
-def task_for_training(settings, start):
+def task_for_training(settings, start, rewarded=False):
     """The task settings.task names (model.data.DataSettings); a .jsonl file (or a folder of them)
-    as the text's data picks 'chat'."""
+    as the text's data picks 'chat', or 'preference' when its lines have chosen and rejected
+    answers. Learning from rewards: a sorter's own inputs (its split kept), else 'prompts'."""
+    if rewarded:
+        if start.ckpt is not None and (start.ckpt.task or {}).get("type") == "sort":
+            return SortTask.from_state(start.ckpt.task)
+        return PromptTask.for_training(settings, start)
     data = Path(settings.data)
     jsonl = data.suffix == ".jsonl" or (data.is_dir() and not any(data.rglob("*.txt")) and any(data.rglob("*.jsonl")))
+    if settings.task in ("text", "chat") and jsonl and {"chosen", "rejected"} <= set(first_keys(TextSource.at(data, ".jsonl"))):
+        return PreferenceTask.for_training(settings, start)
     return TASKS["chat" if settings.task == "text" and jsonl else settings.task].for_training(settings, start)
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from model.data import TextSource, reuse, token_dtype, write_meta
 from model.engine import Rules
 from model.errors import UserError
-from model.tasks.records import contents, read_records
+from model.tasks.records import contents, held_out, read_records
 from model.tasks.template import ChatTemplate
 from model.tasks.text import prepare_settings, text_model_shape, text_tokenizer
 from model.tokenizer import tokenizer_from_dict
@@ -42,15 +42,6 @@ def start_template(start, tokenizer):
 
 
 # ---- preparing examples ------------------------------------------------------------------
-
-def held_out(n, val_fraction, seed):
-    """Which of n examples are held out: a seeded, fixed val_fraction of them (at least one)."""
-    is_val = np.zeros(n, dtype=bool)
-    if val_fraction > 0 and n > 1:
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-        is_val[perm[:max(1, round(n * val_fraction))]] = True
-    return is_val
-
 
 def prepare_examples(source, tokenizer, template, prepared, is_val, settings, hasher):
     """Each record's ids and loss mask into prepared/{train,val}.{ids,loss}.bin, with the examples'
@@ -121,6 +112,38 @@ def open_examples(prepared, dtype, block_size):
     return data
 
 
+def padded_batch(rows, pad_id):
+    """Examples [(ids, in_loss), ...] -> x, y (B, T), T the longest example's length - 1: x = ids[:-1],
+    y = ids[1:] where ids[t + 1] is in the loss, else -1; rows padded with pad_id in x and -1 in y."""
+    T = max(len(ids) for ids, _ in rows) - 1
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), -1, dtype=torch.long)
+    for b, (ids, in_loss) in enumerate(rows):
+        x[b, :len(ids) - 1] = torch.from_numpy(ids[:-1])
+        y[b, :len(ids) - 1] = torch.from_numpy(np.where(in_loss[1:], ids[1:], -1))
+    return x, y
+
+
+def first_answer(ids, in_loss):
+    """(the ids before the first answer, the answer: the tokens from there while the loss counts)."""
+    first = int(np.argmax(in_loss))
+    end = first + (int(np.argmin(in_loss[first:])) if not in_loss[first:].all() else len(ids) - first)
+    return ids[:first].tolist(), ids[first:end].tolist()
+
+
+def answering_task(start, what):
+    """The ChatTask of a model that answers already (a chat checkpoint's, a folder's chat template),
+    for tuning it further on preferences or rewards; UserError for one that does not."""
+    state = start.ckpt.task if start.ckpt else None
+    template = (state or {}).get("template") or (start.ckpt.chat if start.ckpt else None)
+    if template is None:
+        raise UserError(f"{what} starts from a model that answers (trained on pairs or conversations, or a folder "
+                        f"with a chat template): fine-tune one on prompt/completion pairs first, then give it "
+                        f"with --init_from")
+    config = start.ckpt.model_config
+    return ChatTask(start.tokenizer, ChatTemplate.from_dict(template), config.block_size, model_vocab_size=config.vocab_size)
+
+
 # ---- the task ----------------------------------------------------------------------------
 
 class ChatTask:
@@ -172,27 +195,15 @@ class ChatTask:
         """Random examples of the split, each x = ids[:-1], y = ids[1:] where ids[t + 1] is in the
         loss, else -1; rows padded to the longest (x with the end-of-turn id, y with -1)."""
         d = self.data[split]
-        rows = [d.example(i) for i in d.keep[torch.randint(len(d.keep), (batch_size,), generator=generator).numpy()]]
-        T = max(len(ids) for ids, _ in rows) - 1
-        x = torch.full((batch_size, T), self.end, dtype=torch.long)
-        y = torch.full((batch_size, T), -1, dtype=torch.long)
-        for b, (ids, in_loss) in enumerate(rows):
-            x[b, :len(ids) - 1] = torch.from_numpy(ids[:-1])
-            y[b, :len(ids) - 1] = torch.from_numpy(np.where(in_loss[1:], ids[1:], -1))
-        return x, y
+        return padded_batch([d.example(i) for i in d.keep[torch.randint(len(d.keep), (batch_size,), generator=generator)
+                                                           .numpy()]], self.end)
 
     def answers(self, split):
         """(prompt ids, answer ids) of the split's examples (up to EVAL_LIMIT): the conversation up to its
         first answer, and that answer with its end of turn. None held out: [] for "val"."""
         if self.data is None or (split == "val" and self.data["val"] is self.data["train"]):
             return []
-        out = []
-        for i in self.data[split].keep[:self.EVAL_LIMIT]:
-            ids, in_loss = self.data[split].example(i)
-            first = int(np.argmax(in_loss))  # where the answer starts; it runs while the loss counts
-            end = first + (int(np.argmin(in_loss[first:])) if not in_loss[first:].all() else len(ids) - first)
-            out.append((ids[:first].tolist(), ids[first:end].tolist()))
-        return out
+        return [first_answer(*self.data[split].example(i)) for i in self.data[split].keep[:self.EVAL_LIMIT]]
 
     def encode_prompt(self, text, drop_unknown=False):
         """Plain text (no template) as ids, to be continued; UnknownCharacters for characters the model lacks."""

@@ -76,6 +76,12 @@ class SortTask:
         pick = torch.randint(len(numbers), (batch_size,), generator=generator)
         return self.examples(numbers[pick])
 
+    def draw_prompts(self, split, n, generator):
+        """n inputs of the split as rows for reinforcement learning: {"ids", "prompt": the letters}."""
+        numbers = self.splits[split]
+        letters = self.inputs(numbers[torch.randint(len(numbers), (n,), generator=generator)]).tolist()
+        return [{"ids": ids, "prompt": self.tokenizer.decode(ids)} for ids in letters]
+
     def answers(self, split):
         """(input ids, the sorted ids) of the split's inputs (up to EVAL_LIMIT), for exact match."""
         letters = self.inputs(self.splits[split][:self.EVAL_LIMIT])
