@@ -21,9 +21,9 @@ from model.lora import LoRALinear
 
 
 def token_logps(logits, targets):
-    """logits (B, T, V), targets (B, T) with -1 outside the answer -> (B, T) float32: log p(target)
-    at each answer token, 0 elsewhere."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    """logits (B, T, V), targets (B, T) with -1 outside the answer -> (B, T) float32 (float64 for a
+    float64 model): log p(target) at each answer token, 0 elsewhere."""
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return torch.where(targets != -1, picked, 0.0)
 

@@ -282,6 +282,81 @@ def cross_entropy_backward(logits, targets):
     return dlogits / keep.sum()
 
 
+# ---- preference tuning (DPO) and RL from rewards (GRPO) -----------------------------------
+
+def token_logps(logits, targets):
+    """log softmax(logits)[target] at each place (B, T) whose target is not -1, 0 elsewhere."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    picked = np.take_along_axis(logp, np.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return np.where(targets != -1, picked, 0.0)
+
+
+def token_logps_backward(dlogp, logits, targets):
+    """dlogits = dlogp * (onehot(target) - softmax(logits)) at the kept places, 0 at the others."""
+    dlogits = -softmax(logits) * dlogp[..., None]
+    B, T = np.nonzero(targets != -1)
+    dlogits[B, T, targets[B, T]] += dlogp[B, T]
+    dlogits[targets == -1] = 0.0
+    return dlogits
+
+
+def log_sigmoid(x):
+    return -np.logaddexp(0.0, -x)
+
+
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """The answers' log-probabilities (B,) under the policy and the reference -> the mean loss over
+    the pairs. h = (chosen - ref_chosen) - (rejected - ref_rejected); sigmoid (DPO):
+    -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h); ipo: (h - 1 / (2 beta))^2."""
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    if loss_type == "ipo":
+        return ((h - 1 / (2 * beta)) ** 2).mean()
+    e = label_smoothing
+    return (-(1 - e) * log_sigmoid(beta * h) - e * log_sigmoid(-beta * h)).mean()
+
+
+def dpo_loss_backward(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
+    """(dloss/dchosen, dloss/drejected), each (B,): through h, which rises with chosen and falls with rejected."""
+    h = (chosen - ref_chosen) - (rejected - ref_rejected)
+    if loss_type == "ipo":
+        dh = 2 * (h - 1 / (2 * beta)) / len(h)
+    else:
+        sig = 1 / (1 + np.exp(-beta * h))
+        dh = (-(1 - label_smoothing) * beta * (1 - sig) + label_smoothing * beta * sig) / len(h)
+    return dh, -dh
+
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """(r - its group's mean) / (its group's standard deviation, n - 1 in the denominator, + eps)."""
+    r = rewards.reshape(-1, group_size)
+    return ((r - r.mean(1, keepdims=True)) / (r.std(1, ddof=1, keepdims=True) + eps)).reshape(-1)
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0.0):
+    """The clipped surrogate: per token -min(ratio A, clip(ratio, 1 - epsilon, 1 + epsilon) A) with
+    ratio = exp(logps - old_logps), plus beta times the k3 KL estimate exp(ref - logps) - (ref - logps) - 1,
+    averaged over the completion tokens (mask) of the batch."""
+    ratio, A = np.exp(logps - old_logps), advantages[:, None]
+    per_token = -np.minimum(ratio * A, np.clip(ratio, 1 - epsilon, 1 + epsilon) * A)
+    if beta:
+        d = ref_logps - logps
+        per_token = per_token + beta * (np.exp(d) - d - 1)
+    return (per_token * mask).sum() / mask.sum()
+
+
+def grpo_loss_backward(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0.0):
+    """dloss/dlogps (B, T): -A ratio where the unclipped term is the smaller (the clipped one is
+    constant in logps), plus beta (1 - exp(ref - logps)), over the number of completion tokens."""
+    ratio, A = np.exp(logps - old_logps), advantages[:, None]
+    unclipped = ratio * A <= np.clip(ratio, 1 - epsilon, 1 + epsilon) * A
+    inside = (ratio >= 1 - epsilon) & (ratio <= 1 + epsilon)
+    dlogps = np.where(unclipped | inside, -A * ratio, 0.0)
+    if beta:
+        dlogps = dlogps + beta * (1 - np.exp(ref_logps - logps))
+    return dlogps * mask / mask.sum()
+
+
 # ---- the whole model ----------------------------------------------------------------------
 
 def attention_forward(x, P, h, config, rope_cs, a):

@@ -15,14 +15,18 @@ import torch
 
 from model.data import TextSource
 from model.errors import UserError
+from model.tokenizer import UnknownCharacters
 from model.tasks.chat import ChatTask, answering_task, first_answer, padded_batch
 from model.tasks.records import held_out, preference, read_records
 
 
 def encode_answer(chat, prompt, answer, drop_unknown, where):
     """(ids, in_loss) of the prompt followed by the answer, in_loss only on the answer's tokens."""
-    prompt_ids = chat.encode_messages(prompt, drop_unknown)
-    ids, in_loss = chat.template.encode(chat.tokenizer, prompt + answer, drop_unknown=drop_unknown)
+    try:
+        prompt_ids = chat.encode_messages(prompt, drop_unknown)
+        ids, in_loss = chat.template.encode(chat.tokenizer, prompt + answer, drop_unknown=drop_unknown)
+    except UnknownCharacters as e:  # the model's vocabulary is the reference's: it cannot grow here
+        raise UserError(f"{where}: {e}") from None
     if ids[:len(prompt_ids)] != prompt_ids:
         raise UserError(f"{where}: the chat template writes the prompt differently once it is answered, so the "
                         f"answer's tokens cannot be told apart")
