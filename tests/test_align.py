@@ -273,3 +273,67 @@ def test_grpo_raises_what_its_reward_prefers_and_resumes_exactly(in_tmp):
     run("halves", "--init_from=resume")
     for k, v in weights(in_tmp / "straight").items():
         assert torch.equal(v, weights(in_tmp / "halves")[k]), k
+
+
+def test_dpo_under_lora_and_grpo_on_a_file_of_prompts_run_from_a_chat_model(trained_numerals, in_tmp):
+    """Bug: the LoRA run's reference not the base (no log 2 at the start), a prompts file's answer
+    column not scored as heldout_acc, its rows not passed to the reward."""
+    numerals = trained_numerals[0]
+    run_training("dpo.py", in_tmp / "lora", f"--init_from={numerals}", f"--data={prefs_file(in_tmp / 'p.jsonl')}",
+                 "--lora_rank=4", "--max_iters=2", *DPO_RUN)
+    rows = [json.loads(line) for line in (in_tmp / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in rows if "loss" in r)["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert load_checkpoint(in_tmp / "lora" / "ckpt.pt").lora is not None
+    prompts = in_tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": str(n), "answer": str(n)}) + "\n" for n in range(40)))
+    summary = run_training("grpo.py", in_tmp / "grpo", f"--init_from={numerals}", f"--data={prompts}",
+                           "--reward=exact_match", "--batch_size=2", "--num_generations=2", "--max_iters=1",
+                           "--val_fraction=0.25")
+    assert summary["heldout_acc"] == 0.0  # it answers in numerals, never with the digits
+    assert summary["train_acc"] == 0.0
+    with pytest.raises(UserError, match="holds prompts alone: give --reward"):
+        run_training("grpo.py", in_tmp / "grpo", "--init_from=resume", "--reward=", f"--data={prompts}")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers' own deprecations inside TRL's config
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_one_dpo_batch_is_trls_loss_on_our_hugging_face_export(trained_numerals, tmp_path, loss_type):
+    """Bug: our answers' tokens or template differ from what TRL tokenizes (apply_chat_template of the
+    prompt, then of prompt + answer), or our loss from TRL's DPOTrainer on the same pairs."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+    from model.convert import main as convert_main
+    from model.data import DataSettings
+    from model.start import read_start
+    from model.tasks import task_for_training
+    numerals = trained_numerals[0]
+    assert convert_main([str(numerals), str(tmp_path / "hf"), "--to=hf"]) == 0
+    records = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": r}]}
+               for p, c, r in (("12", "十二", "一十二"), ("305", "三百零五", "三百五"), ("7", "七", "一"), ("1010", "一千零一十", "一千一十"))]
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with torch.no_grad():  # the policy a step away from the reference, so that the loss is not log 2 alone
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02, alpha=1)
+    trainer = DPOTrainer(model=policy, ref_model=AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+                         args=DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, beta=0.3,
+                                        loss_type=loss_type, report_to=[], use_cpu=True, bf16=False, seed=0),
+                         train_dataset=Dataset.from_list(records), processing_class=AutoTokenizer.from_pretrained(tmp_path / "hf"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    policy.eval()
+    with torch.no_grad():
+        theirs = trainer.compute_loss(policy, batch).item()
+
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    cfg = type("C", (), {"init_from": str(numerals), "out_dir": str(tmp_path)})
+    task = task_for_training(DataSettings(data=str(path), val_fraction=0.0, out_dir=str(tmp_path)), read_start(cfg))
+    from model.checkpoint import open_model
+    policy.save_pretrained(tmp_path / "policy")  # the perturbed weights, opened as every command opens a folder
+    trainer.processing_class.save_pretrained(tmp_path / "policy")
+    ours, frozen = open_model(tmp_path / "policy", quiet=True).model, open_model(tmp_path / "hf", quiet=True).model
+    x, y = task.batch_of(task.pairs["train"])
+    loss, _ = DPO(Reference(ours, frozen), beta=0.3, loss_type=loss_type)(ours, x, y)
+    assert abs(loss.item() - theirs) < 1e-5, (loss.item(), theirs)

@@ -299,3 +299,27 @@ def test_a_served_folder_answers_as_transformers_generates(chatml):
     assert answer.choices[0].message.content == opened.tokenizer.decode([t for t in theirs if t != task.end])
     assert answer.choices[0].finish_reason == ("stop" if task.end in theirs else "length")
     assert answer.usage.prompt_tokens == len(ids)
+
+
+def test_dpo_with_lora_and_grpo_from_a_qwen2_folder_with_chatml(chatml, tmp_path):
+    """Bug: preference tuning or RL that works only from our checkpoints: a folder's own template
+    (ChatML) not used for the answers, its adapters' base not the reference."""
+    prefs = tmp_path / "prefs.jsonl"
+    ask = lambda q: [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]  # noqa: E731
+    answer = lambda a: [{"role": "assistant", "content": a}]  # noqa: E731
+    prefs.write_text("".join(json.dumps({"prompt": ask(q), "chosen": answer(c), "rejected": answer(r)}) + "\n"
+                             for q, c, r in [("Fox?", "It jumps.", "No."), ("天", "行健", "不")] * 4))
+    common = ["--max_iters=2", "--lr_decay_iters=2", "--warmup_iters=1", "--eval_interval=2", "--eval_iters=1",
+              "--log_interval=1", "--batch_size=2", "--val_fraction=0"]
+    with working_dir(tmp_path):
+        assert train_cli.main([str(ROOT / "configs" / "dpo.py"), f"--init_from={chatml}", f"--data={prefs}",
+                               "--lora_rank=4", f"--out_dir={tmp_path / 'dpo'}", *common]) == 0
+        rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+        assert next(r for r in rows if "loss" in r)["loss"] == pytest.approx(np.log(2), abs=1e-6)
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"prompt": ask("Fox?"), "answer": "It jumps."}) + "\n" for _ in range(4)))
+        assert train_cli.main([str(ROOT / "configs" / "grpo.py"), f"--init_from={chatml}", f"--data={prompts}",
+                               "--reward=exact_match", "--num_generations=2", "--max_completion_length=6",
+                               f"--out_dir={tmp_path / 'grpo'}", *common]) == 0
+    opened = open_model(tmp_path / "dpo", quiet=True)
+    assert opened.task.template.source == CHATML
