@@ -17,7 +17,7 @@ from model.errors import UserError
 from model.gpt import GPTConfig
 from model.lora import LoRAConfig
 from model.runtime import DTYPES
-from model.tasks import TASKS
+from model.tasks import NAMED
 
 # TrainConfig takes every GPTConfig field as a flag of the same name (their meanings are written in
 # gpt.py), except these two, which the task and tokenizer decide and DataSettings declares.
@@ -148,7 +148,7 @@ class TrainConfig(ModelOptions, DataSettings):
         self.validate_alignment()
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name, allowed in {"task": tuple(TASKS), "dtype": ("auto", *DTYPES)}.items():
+        for name, allowed in {"task": NAMED, "dtype": ("auto", *DTYPES)}.items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         GPTConfig(block_size=max(1, self.block_size), vocab_size=1,

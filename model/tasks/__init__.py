@@ -45,6 +45,7 @@ class Task(Protocol):
 
 TASKS = {"text": TextTask, "sort": SortTask, "chat": ChatTask, "preference": PreferenceTask,
          "prompts": PromptTask}  # the default first
+NAMED = ("text", "sort", "chat")  # what --task names; preference pairs and prompts follow from the data and --reward
 
 
 def task_for_training(settings, start, rewarded=False):
