@@ -1,6 +1,7 @@
 """Convert a model between formats:
 
-    python -m model.convert SOURCE DEST [--to=ours|hf|llmviz|peft] [--meta=meta.pkl] [--n_head=N] [--start=CBABBC,...]
+    python -m model.convert SOURCE DEST [--to=ours|hf|llmviz|peft|gguf] [--outtype=f32|f16|bf16|q8_0] [--meta=meta.pkl]
+        [--n_head=N] [--start=CBABBC,...]
 
 SOURCE: a checkpoint or out_dir of ours, a Hugging Face GPT-2 folder, a nanoGPT ckpt.pt (its
 vocabulary from the meta.pkl beside it, or --meta), the 3D visualisation's model JSON, or a
@@ -10,7 +11,8 @@ from; --to=hf writes DEST as a Hugging Face folder (GPT-2, Llama, Qwen2 or Qwen3
 config.json, tokenizer.json, tokenizer_config.json, and a chat model's template files) that
 transformers' AutoModelForCausalLM and AutoTokenizer load; --to=peft a LoRA checkpoint's adapters
 as peft's folder; --to=llmviz writes a sorter as the visualisation's two files (the model, and the
-activations of the --start inputs). Nothing in DEST is overwritten: every file a format writes is
+activations of the --start inputs); --to=gguf writes DEST (a .gguf file) for llama.cpp and ollama,
+with an ollama Modelfile beside it (DEST with .Modelfile for .gguf). Nothing in DEST is overwritten: every file a format writes is
 checked, and DEST made writable, before any is written.
 """
 
@@ -24,14 +26,15 @@ from model.checkpoint import (Checkpoint, check_writable, find_checkpoint, load_
                               save_checkpoint, tokenizer_from_checkpoint)
 from model.config import load_config, run_command
 from model.errors import UserError
+from model.gguf import check_gguf, modelfile_path, write_gguf
 from model.hf import CHAT_FILES, FOLDER_FILES, PEFT_FILES, check_peft, folder_format, write_folder, write_peft
 from model.llmviz import MODEL_FILE, PARTIALS_FILE, read_model_json, read_state_dict, write_llmviz
 from model.lora import merge_adapters
 from model.tasks import SortTask, chat_task, task_from_checkpoint
 
-USAGE = ("usage: python -m model.convert SOURCE DEST [--to=ours|hf|llmviz|peft] [--meta=path/to/meta.pkl] [--n_head=N] "
-         "[--start=CBABBC,...]")
-FORMATS = ("ours", "hf", "llmviz", "peft")
+USAGE = ("usage: python -m model.convert SOURCE DEST [--to=ours|hf|llmviz|peft|gguf] [--outtype=f32|f16|bf16|q8_0] "
+         "[--meta=path/to/meta.pkl] [--n_head=N] [--start=CBABBC,...]")
+FORMATS = ("ours", "hf", "llmviz", "peft", "gguf")
 
 
 @dataclass
@@ -42,6 +45,7 @@ class ConvertConfig:
     n_head: int = 0  # minGPT state_dicts: the number of heads (a state_dict does not record it)
     start: str = ""  # --to=llmviz: the sort inputs whose activations are written, e.g. CBABBC,ABCABC
     allow_changed_base: bool = False  # LoRA adapters: convert them even if their base's weights changed
+    outtype: str = "f32"  # --to=gguf: the matrices' type, 'f32', 'f16', 'bf16' or 'q8_0' (8-bit, llama.cpp's)
 
     def validate(self):
         if self.to not in FORMATS:
@@ -83,8 +87,16 @@ def read_source(source, cfg):
         raise
 
 
-def files_to_write(to, path, ckpt, task, chat):
-    """The files --to writes into DEST; a model that format cannot hold is refused here, before anything is written."""
+def files_to_write(to, path, ckpt, task, chat, dest, cfg, tokenizer):
+    """The files --to writes into DEST (--to=gguf: beside DEST, in its folder); a model that format
+    cannot hold is refused here, before anything is written."""
+    if to == "gguf":
+        if Path(dest).suffix != ".gguf":
+            raise UserError(f"--to=gguf writes one file: give DEST as a path ending in .gguf, got {dest}")
+        if isinstance(task, SortTask):
+            raise UserError(f"{path} is a sort model; llama.cpp runs text and chat models")
+        check_gguf(ckpt.model_config, tokenizer, cfg.outtype)
+        return Path(dest).name, modelfile_path(dest).name
     if to == "peft":
         if not ckpt.lora:
             raise UserError(f"{path} has no LoRA adapters (train with --lora_rank to make some); --to=hf writes a "
@@ -117,7 +129,8 @@ def convert(source, dest, cfg):
     tokenizer = source_tokenizer(path, ckpt, cfg.meta)
     task = task_from_checkpoint(ckpt, tokenizer)
     chat = chat_task(ckpt, task)
-    check_dest(dest, files_to_write(cfg.to, path, ckpt, task, chat))
+    names = files_to_write(cfg.to, path, ckpt, task, chat, dest, cfg, tokenizer)
+    check_dest(Path(dest).parent if cfg.to == "gguf" else dest, names)
     adapted = model_from_checkpoint(ckpt, allow_changed_base=cfg.allow_changed_base).eval()
     if cfg.to == "peft":
         return write_peft(adapted, ckpt.model, ckpt.lora, dest)
@@ -130,6 +143,8 @@ def convert(source, dest, cfg):
         return out
     if cfg.to == "llmviz":
         return write_llmviz(model, task, dest, cfg.start)
+    if cfg.to == "gguf":
+        return write_gguf(model, tokenizer, dest, cfg.outtype, chat, Path(path).parent.name if path.is_file() else path.name)
     return write_folder(model, tokenizer, dest, chat.template if chat else None)
 
 

@@ -306,19 +306,21 @@ def llama_hf_weights(model):
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def folder_format(config):
-    """The Hugging Face architecture that computes what `config` does: gpt2, llama, qwen2 or qwen3.
-    A model neither holds is refused, naming the field."""
+def folder_format(config, holder="folder", fix="--to=ours"):
+    """The Hugging Face architecture that computes what `config` does: gpt2, llama, qwen2 or qwen3
+    (llama.cpp's names too). A model neither holds is refused, naming the field; `holder`
+    "llama.cpp" words it for a GGUF file."""
     rope = config.positions == "rope"
     needs = ({"normalization": "rmsnorm", "mlp": "gated", "activation": "silu", "norm": "pre", "bias": False} if rope else
              {"positions": "learned", "norm": "pre", "head": "tied", "normalization": "layernorm", "mlp": "standard",
               "n_kv_head": config.n_head, "head_dim": config.n_embd // config.n_head,
               "intermediate_size": 4 * config.n_embd, "qk_norm": False, "qkv_bias": False})
-    name = "a Llama-family" if rope else "a GPT-2"
+    name = (f"a {'Llama-family' if rope else 'GPT-2'} folder" if holder == "folder" else
+            f"{holder}'s {'Llama family' if rope else 'gpt2 architecture'}")
     for field, value in {**needs, **({"qkv_bias": False} if rope and config.qk_norm else {})}.items():
         if getattr(config, field) != value:
-            raise UserError(f"{name} folder cannot hold {field}={getattr(config, field)!r} (it has {field}={value!r}); "
-                            f"keep this model in our format (--to=ours)")
+            raise UserError(f"{name} cannot hold {field}={getattr(config, field)!r} (it has {field}={value!r}); "
+                            f"keep this model in our format ({fix})")
     return ("qwen3" if config.qk_norm else "qwen2" if config.qkv_bias else "llama") if rope else "gpt2"
 
 
