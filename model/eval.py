@@ -1,4 +1,5 @@
-"""Scoring a model on a task's known answers: greedy exact match, through the engine."""
+"""Scoring a model on a task's known answers: greedy exact match, through the engine. Run as
+`python -m model.eval`, it evaluates a model with lm-evaluation-harness (model/harness.py)."""
 
 from dataclasses import replace
 
@@ -25,3 +26,10 @@ def answer_scores(model, task):
         if pairs:
             scores[name] = exact_match(model, pairs, task.rules)
     return scores
+
+
+if __name__ == "__main__":
+    import sys
+
+    from model.harness import main  # lm-eval, an optional extra: read only when evaluating with it
+    sys.exit(main(sys.argv[1:]))
