@@ -2,8 +2,9 @@
 on our Hugging Face export, and a shipped task that tells a trained model from an untrained one."""
 
 import pytest
+import torch
 
-from conftest import ROOT, run_training, working_dir
+from conftest import ROOT, working_dir
 from model.checkpoint import open_model
 from model.convert import main as convert_main
 
@@ -43,9 +44,13 @@ def test_the_shipped_numerals_task_tells_a_trained_model_from_an_untrained_one(t
     """Bug: the task's prompt not read as the template (its markers as text), generation not cut at
     the end of turn, or the score not the model's."""
     from model.harness import EvalConfig, evaluate
-    with working_dir(tmp_path):
-        run_training("numerals.py", tmp_path / "untrained", f"--data={ROOT / 'data/numerals/numerals.jsonl'}",
-                     "--max_iters=1", "--eval_interval=1")
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.gpt import GPT
+    ckpt = load_checkpoint(trained_numerals[0] / "ckpt.pt")
+    torch.manual_seed(0)
+    ckpt.model = GPT(ckpt.model_config).state_dict()  # the same model before any training
+    (tmp_path / "untrained").mkdir()
+    save_checkpoint(ckpt, tmp_path / "untrained" / "ckpt.pt")
     with working_dir(ROOT):  # the task's data path is the repository's
         score = {name: evaluate(EvalConfig(out_dir=str(path), tasks="numerals", limit=20))["results"]["numerals"]
                  ["exact_match,none"] for name, path in (("trained", trained_numerals[0]), ("untrained", tmp_path / "untrained"))}
