@@ -211,7 +211,9 @@ def prepare_run(cfg):
         store_frozen_in(model, rt.dtype)  # the base never changes: no float32 copy of it
     objective, reference = objective_for(cfg, start, task, model, lora, rewards, rt)
     cfg = replace(cfg, block_size=task.block_size, **{k: getattr(model.config, k) for k in MODEL_FIELDS})
-    memory = check_fits(model.config, model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad),
+    frozen = getattr(getattr(objective, "reference", None), "copy", None)  # DPO's or GRPO's frozen start: weights too
+    weights = model.num_params() + (frozen.num_params() if frozen is not None else 0)
+    memory = check_fits(model.config, weights, sum(p.numel() for p in model.parameters() if p.requires_grad),
                         rows_per_step(cfg, objective), rt.device, 8 if rt.dtype == torch.float64 else 4,
                         rt.dtype in (torch.bfloat16, torch.float16),
                         adapter_size(model, LoRAConfig(8, targets="all")), start.mode == "finetune")

@@ -337,3 +337,19 @@ def test_one_dpo_batch_is_trls_loss_on_our_hugging_face_export(trained_numerals,
     x, y = task.batch_of(task.pairs["train"])
     loss, _ = DPO(Reference(ours, frozen), beta=0.3, loss_type=loss_type)(ours, x, y)
     assert abs(loss.item() - theirs) < 1e-5, (loss.item(), theirs)
+
+
+def test_the_memory_estimate_counts_dpos_frozen_reference(trained_numerals, in_tmp, monkeypatch):
+    """Bug: the frozen copy of the start (a second model's weights) left out of the estimate, or
+    counted under LoRA, where the reference is the policy itself."""
+    from model import start
+    from model.config import TrainConfig, load_config
+    from conftest import train_args
+    data, counted = prefs_file(in_tmp / "prefs.jsonl"), []
+    real = start.check_fits
+    monkeypatch.setattr(start, "check_fits", lambda config, parameters, *a: counted.append(parameters) or
+                        real(config, parameters, *a))
+    runs = [start.prepare_run(load_config(TrainConfig, train_args("dpo.py", in_tmp / name, f"--init_from={trained_numerals[0]}",
+                                                                  f"--data={data}", *extra)))
+            for name, extra in (("whole", []), ("lora", ["--lora_rank=4"]))]
+    assert counted == [2 * runs[0].model.num_params(), runs[1].model.num_params()]
