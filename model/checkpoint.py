@@ -239,12 +239,17 @@ def model_from_checkpoint(ckpt, device="cpu", allow_changed_base=False, **overri
     return model.to(device)
 
 
-def base_state(path):
-    """The whole weights of the model at `path` (its adapters merged, if it is an adapter checkpoint itself)."""
+def recorded_state(path, digest, allow_changed, what, used, redo):
+    """The whole weights of the model at `path` that a run recorded (its adapters merged, if it is an
+    adapter checkpoint itself), refused unless allow_changed when they changed since `digest` was
+    taken. The messages name the model (`what`), what it was `used` for, and what to `redo`."""
     if not Path(path).exists():
-        raise UserError(f"the adapters' base model {path} is not there; put it back, or train the adapters again "
-                        f"from a base with --init_from")
-    return merge_adapters(model_from_checkpoint(load_checkpoint(path))).state_dict()
+        raise UserError(f"{what} {path} is not there; put it back, or {redo}")
+    state = merge_adapters(model_from_checkpoint(load_checkpoint(path))).state_dict()
+    if digest and weights_digest(state) != digest and not allow_changed:
+        raise UserError(f"{what} {path} is not the one {used} (its weights changed since); {redo} on it, or pass "
+                        f"--allow_changed_base=True to go on anyway")
+    return state
 
 
 def base_weights(lora, model, allow_changed_base=False):
@@ -252,11 +257,8 @@ def base_weights(lora, model, allow_changed_base=False):
     to its block_size; tensors of another shape (embeddings grown for new tokens) are the adapter
     checkpoint's own and left out here. A base whose weights changed since the adapters were trained
     (retrained in place, replaced) is refused unless allow_changed_base."""
-    state = base_state(lora.base)
-    if lora.base_digest and weights_digest(state) != lora.base_digest and not allow_changed_base:
-        raise UserError(f"the adapters' base model {lora.base} is not the one they were trained on (its weights "
-                        f"changed since); train the adapters again on it, or pass --allow_changed_base=True to use "
-                        f"them with it anyway")
+    state = recorded_state(lora.base, lora.base_digest, allow_changed_base, "the adapters' base model",
+                           "they were trained on", "train the adapters again")
     if "transformer.wpe.weight" in state:
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:model.config.block_size]
     shapes = {k: v.shape for k, v in model.state_dict().items()}

@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 
 from model.align import DPO, GRPO, Reference
-from model.checkpoint import (Checkpoint, base_state, check_writable, find_checkpoint, load_checkpoint,
-                              model_from_checkpoint, tokenizer_from_checkpoint, weights_digest)
+from model.checkpoint import (Checkpoint, check_writable, find_checkpoint, load_checkpoint, model_from_checkpoint,
+                              recorded_state, tokenizer_from_checkpoint, weights_digest)
 from model.config import MODEL_FIELDS, format_config
 from model.errors import UserError
 from model.gpt import GPT, RUN_FIELDS, GPTConfig
@@ -155,10 +155,8 @@ def frozen_start(cfg, start, model, lora):
     if record is None:
         raise UserError(f"{start.path} records no starting model to compare with; start this run again from the "
                         f"model with --init_from")
-    state = base_state(record["path"])
-    if weights_digest(state) != record["digest"] and not cfg.allow_changed_base:
-        raise UserError(f"the reference model {record['path']} is not the one this run started from (its weights "
-                        f"changed since); start again from it, or pass --allow_changed_base=True to go on anyway")
+    state = recorded_state(record["path"], record["digest"], cfg.allow_changed_base, "the reference model",
+                           "this run started from", "start this run again")
     frozen = GPT(model.config)
     frozen.load_state_dict(state)
     return Reference(model, frozen.to(next(model.parameters()).device)), record
