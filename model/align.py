@@ -13,11 +13,14 @@ import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from model.engine import Engine, Request, without_stop
 from model.lora import LoRALinear
+from model.runtime import derived_seed
+from model.tasks.chat import padded_batch
 
 
 def token_logps(logits, targets):
@@ -148,28 +151,16 @@ class Rollouts:
 def sample_groups(model, prompts, rules, group_size, seed):
     """Each prompt's ids G times through the engine, sample i of prompt p drawing from its own
     seed (seed, p, i): the same rollouts for the same seed, in any run. -> the finished Requests."""
-    requests = [Request(list(p), replace(rules, seed=hash((seed, j, i)) & 0x7FFF_FFFF_FFFF_FFFF))
+    requests = [Request(list(p), replace(rules, seed=derived_seed(seed, j, i)))
                 for j, p in enumerate(prompts) for i in range(group_size)]
-    was_training = model.training
-    model.eval()
-    try:
-        Engine(model, max_batch=len(requests)).complete(requests)
-    finally:
-        model.train(was_training)
-    return requests
+    return Engine(model, max_batch=len(requests)).complete(requests)  # in eval mode, the model's own after
 
 
 def pack(requests, pad_id):
-    """Finished requests -> x, y (N, T): prompt + completion, y the completion (its stop id
-    included, so the model learns to stop) and -1 elsewhere."""
-    T = max(len(r.prompt) + len(r.tokens) for r in requests) - 1
-    x = torch.full((len(requests), T), pad_id, dtype=torch.long)
-    y = torch.full((len(requests), T), -1, dtype=torch.long)
-    for b, r in enumerate(requests):
-        seq = torch.tensor(r.prompt + r.tokens)
-        x[b, :len(seq) - 1] = seq[:-1]
-        y[b, len(r.prompt) - 1:len(seq) - 1] = seq[len(r.prompt):]
-    return x, y
+    """Finished requests -> x, y (N, T) as a batch of answers: prompt + completion, the loss on the
+    completion (its stop id included, so the model learns to stop), padded as ChatTask pads."""
+    return padded_batch([(np.array(r.prompt + r.tokens), np.arange(len(r.prompt) + len(r.tokens)) >= len(r.prompt))
+                         for r in requests], pad_id)
 
 
 @dataclass
@@ -197,8 +188,8 @@ class GRPO:
         group = [row for row in rows for _ in range(self.num_generations)]
         texts = [task.tokenizer.decode(without_stop(r.tokens, r.rules)) for r in requests]
         rewards = torch.tensor(self.rewards(group, texts), dtype=torch.float32)
-        x, y = pack(requests, task.rules.stop_ids[0] if task.rules.stop_ids else 0)
-        x, y = x.to(next(model.parameters()).device), y.to(next(model.parameters()).device)
+        device = next(model.parameters()).device
+        x, y = (t.to(device) for t in pack(requests, task.rules.stop_ids[0] if task.rules.stop_ids else 0))
         with torch.no_grad():
             old = token_logps(model(x)[0], y) if self.num_iterations > 1 else None
             ref = self.reference.token_logps(x, y) if self.beta else None

@@ -65,8 +65,7 @@ def vocab_tokens(tokenizer, vocab_size):
         tokens = [SPACE if t == " " else t for t in tokenizer.itos]
         types = [T.CONTROL if t in specials else T.NORMAL for t in tokenizer.itos]
         model, merges, pre = "llama", [], None
-    elif byte_level_bpe(tokenizer):
-        state = json.loads(tokenizer.tok.to_str())
+    elif (state := byte_level_bpe(tokenizer)) is not None:
         vocab = {**state["model"]["vocab"], **{a["content"]: a["id"] for a in state["added_tokens"]}}
         tokens = [None] * len(vocab)
         for text, i in vocab.items():
@@ -82,11 +81,12 @@ def vocab_tokens(tokenizer, vocab_size):
 
 
 def byte_level_bpe(tokenizer):
-    """Whether a tokenizer is byte-level BPE (ours, or a folder's tokenizer.json of that kind)."""
+    """A byte-level BPE tokenizer's tokenizer.json as a dict (ours, or a folder's of that kind); None
+    for any other."""
     if getattr(tokenizer, "tok", None) is None:
-        return False
+        return None
     state = json.loads(tokenizer.tok.to_str())
-    return state["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(state.get("pre_tokenizer"))
+    return state if state["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(state.get("pre_tokenizer")) else None
 
 
 def pre_tokenizer(state):

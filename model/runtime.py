@@ -17,6 +17,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64}
 
 
+def derived_seed(*parts):
+    """A seed made from integers: the same parts give the same seed in every process and run (the
+    training loop's batches and dropout, GRPO's samples)."""
+    return hash(tuple(parts)) & 0x7FFF_FFFF_FFFF_FFFF  # hash of a tuple of ints is not randomised
+
+
 def available_devices():
     found = ["cpu"]
     if torch.cuda.is_available():

@@ -23,7 +23,7 @@ from model.errors import UserError
 from model.eval import answer_scores
 from model.lora import adapter_state
 from model.report import write_report, write_run_summary
-from model.runtime import autocast_context, end_processes, peak_memory_mb, reduce_across_ranks
+from model.runtime import autocast_context, derived_seed, end_processes, peak_memory_mb, reduce_across_ranks
 from model.schedule import get_lr
 from model.start import prepare_run
 
@@ -90,11 +90,6 @@ def iteration(run, model, it, lr, autocast, scaler, stats):
         return rl_step(run, model, it, lr, autocast, scaler, stats)
     return train_step(model, run.optimizer, micro_batches(run, it), lr, run.cfg.grad_clip, autocast, scaler,
                       run.objective or lm_loss, stats)
-
-
-def derived_seed(*parts):
-    """A seed made from integers: the same parts give the same seed in every process and run."""
-    return hash(tuple(parts)) & 0x7FFF_FFFF_FFFF_FFFF  # hash of a tuple of ints is not randomised
 
 
 def micro_batches(run, it):
