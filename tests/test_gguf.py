@@ -20,9 +20,23 @@ MIXED = ["天行健,君子以自强不息。", "Hello, world! 你好", "GPT-2 �
 
 
 def llama(path, n_ctx):
-    """llama.cpp on the file, its KV cache in float32 (its default, float16, rounds every key)."""
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
-                           type_k=0, type_v=0, seed=0)
+    """llama.cpp on the file, its KV cache in float32 (its default, float16, rounds every key), and its
+    weights as written: with its extra buffer types (AMX, repacked weights) llama-cpp-python 0.3.36
+    crashed on every q8_0 file, llama.cpp's own quantizations too, on an AMX Xeon (this project's build
+    machine); off, as llama.cpp's `--no-repack`. llama-cpp-python has no argument for it."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params  # what Llama() reads its model parameters from
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
+                               type_k=0, type_v=0, seed=0)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 def their_logits(llm, ids):
