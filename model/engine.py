@@ -205,6 +205,8 @@ class Rules:
     stop: tuple = ()  # strings that end the reply; not part of its text
     banned: tuple = ()  # ids never drawn (a vocabulary's structure tokens, a chat template's markers)
     vocab_limit: Optional[int] = None  # ids from here on (a vocabulary padded past its tokenizer's) never drawn
+    logprobs: Optional[int] = None  # keep each written token's log-probability and this many most likely others
+    prompt_logprobs: Optional[int] = None  # the same for each prompt token after the first (when the prompt is read)
 
 
 # ---- a reply's text as it comes -----------------------------------------------------------
@@ -310,6 +312,22 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0,
 
 # ---- requests and the engine --------------------------------------------------------------
 
+@dataclass
+class Scored:
+    """A token's log-probability under the model (its own distribution: before temperature, top-k,
+    top-p or banned tokens, as OpenAI's and vLLM's logprobs) and the most likely tokens' [(id, logprob)]."""
+    logprob: float
+    top: list
+
+
+def scored(logits, targets, n):
+    """logits (N, V), targets (N,) -> a Scored for each target, with the n most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, targets[:, None])[:, 0].tolist()
+    values, ids = logp.topk(min(n, logp.size(-1)), dim=-1)
+    return [Scored(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
 class QueueFull(Exception):
     """Every place in the queue is taken: the request should come back later."""
 
@@ -328,6 +346,8 @@ class Request:
     reason: Optional[str] = None
     cancelled: bool = False  # set by the caller's side when nobody waits for it any more
     start: int = 0  # where the model's window begins in prompt + tokens
+    logprobs: list = field(default_factory=list)  # a Scored for each token written, when the rules ask
+    prompt_logprobs: list = field(default_factory=list)  # a Scored for each prompt token (None: nothing predicts it)
     generator: Optional[torch.Generator] = field(default=None, repr=False)
 
     def add(self, token_id):
@@ -516,6 +536,11 @@ class Engine:
         logits, _ = self.model(ids, kv_cache=self.cache)
         for row, w in zip(range(a, b), windows):
             self.cache.lengths[row] = len(w)
+        for i, (request, w) in enumerate(zip(self.rows[a:b], windows)):
+            if request.rules.prompt_logprobs is not None and not request.tokens:  # its prompt, read the first time
+                ahead = scored(logits[i, :len(w) - 1], torch.tensor(w[1:], device=self.device),
+                               request.rules.prompt_logprobs)
+                request.prompt_logprobs = [None] * (request.start + 1) + ahead  # the window's first predicts nothing
         last = torch.tensor([len(w) - 1 for w in windows], device=self.device)
         self.advance(logits[torch.arange(b - a, device=self.device), last], range(a, b))
 
@@ -529,7 +554,11 @@ class Engine:
     def advance(self, logits, rows):
         """logits (B, V) of the given rows -> each row's next token, added to its request."""
         requests = [self.rows[i] for i in rows]
-        for request, token in zip(requests, self.choose(logits.float(), requests)):
+        raw = logits.float().clone() if any(r.rules.logprobs is not None for r in requests) else None
+        for b, (request, token) in enumerate(zip(requests, self.choose(logits.float(), requests))):  # choose() masks
+            if request.rules.logprobs is not None:  # scored before add(), whose end event may be read at once
+                request.logprobs += scored(raw[b:b + 1], torch.tensor([token], device=self.device),
+                                           request.rules.logprobs)
             request.add(token)
 
     def choose(self, logits, requests):

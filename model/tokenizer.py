@@ -7,7 +7,7 @@ plain data (so torch.load(weights_only=True) reads it and sample.py needs no oth
   BERT vocab.txt), through `tokenizers` too.
 
 Every kind has: vocab_size, encode(text, drop_unknown), decode(ids), unknown(text),
-start_ids(), label(id), model_vocab_size(), never_sampled(), digest(), to_dict(), and special
+start_ids(), label(id), token_bytes(id), model_vocab_size(), never_sampled(), digest(), to_dict(), and special
 tokens: with_specials(names), special_id(name) and special_tokens(). A special token (a chat template's role marker,
 an end-of-turn token) has an id of its own that no text ever encodes to: a text that spells
 "<|user|>" stays those characters. `tokenizers` is an optional extra (pip install -e ".[bpe]"):
@@ -58,6 +58,21 @@ def spelled(tokenizer, text, drop_unknown=False):
     if missing and not drop_unknown:
         raise UnknownCharacters(missing)
     return "".join(c for c in text if c not in set(missing)) if missing else text
+
+
+def encode_as_transformers(tokenizer, text):
+    """The ids transformers gives a text (lm-eval's and vLLM's tokenizers): the special tokens'
+    spellings read as those tokens (split out first), the rest through the vocabulary, characters
+    it lacks left out. Our own commands never do this: "<|user|>" in a user's text stays text."""
+    specials = sorted(tokenizer.special_tokens(), key=len, reverse=True)
+    pieces = re.split("(" + "|".join(map(re.escape, specials)) + ")", text) if specials else [text]
+    ids = []
+    for i, piece in enumerate(pieces):
+        if i % 2:  # re.split puts what its group matched at the odd places
+            ids.append(tokenizer.special_id(piece))
+        elif piece:
+            ids += tokenizer.encode(spelled(tokenizer, piece, drop_unknown=True))
+    return ids
 
 
 # ---- characters ---------------------------------------------------------------------------
@@ -139,6 +154,9 @@ class CharTokenizer:
 
     def label(self, i):
         return visible(self.itos[i])
+
+    def token_bytes(self, i):
+        return self.itos[i].encode("utf-8")
 
     def digest(self):
         return hashlib.sha256(json.dumps(self.to_dict(), ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -273,13 +291,22 @@ class HFTokenizer:
     def label(self, i):
         """The token as text; a byte-level token that is not whole UTF-8 shows its bytes, e.g. <e5 a4>."""
         token = self.tok.id_to_token(i)
-        if not self.byte_level or token is None or any(c not in self._bytes for c in token):
+        if not self.is_bytes(token):
             return "".join(visible(c) for c in (token or f"<{i}>"))
-        raw = bytes(self._bytes[c] for c in token)
+        raw = self.token_bytes(i)
         try:
             return "".join(visible(c) for c in raw.decode("utf-8"))
         except UnicodeDecodeError:
             return f"<{raw.hex(' ')}>"
+
+    def is_bytes(self, token):
+        """Whether a token's text is byte symbols (a byte-level BPE's merges; not its added tokens)."""
+        return self.byte_level and token is not None and all(c in self._bytes for c in token)
+
+    def token_bytes(self, i):
+        """The bytes token i adds to a text (a byte-level token's may end inside a character)."""
+        token = self.tok.id_to_token(i)
+        return bytes(self._bytes[c] for c in token) if self.is_bytes(token) else self.decode([i]).encode("utf-8")
 
     def digest(self):
         return hashlib.sha256(self.tok.to_str().encode("utf-8")).hexdigest()
