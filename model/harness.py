@@ -9,7 +9,6 @@ tokens' spellings read as those tokens), so the numbers equal lm-eval's own `hf`
 Hugging Face export (python -m model.convert DIR DEST --to=hf).
 """
 
-import re
 import sys
 from dataclasses import dataclass
 
@@ -21,8 +20,8 @@ from model.checkpoint import ModelSource, open_model
 from model.config import load_config, run_command
 from model.engine import Engine, Request, Rules, without_stop
 from model.errors import UserError
-from model.tasks import chat_task
-from model.tokenizer import spelled
+from model.tasks import chat_task, end_of_text
+from model.tokenizer import encode_as_transformers
 
 
 class SmallGPT(LM):
@@ -33,24 +32,12 @@ class SmallGPT(LM):
         super().__init__()
         self.model, self.tokenizer, self.batch_size = opened.model, opened.tokenizer, batch_size
         self.max_length = opened.model.config.block_size
-        chat = chat_task(opened.ckpt, opened.task)
-        self.end = chat.end if chat else self.tokenizer.special_id("<|endoftext|>")
+        self.end = end_of_text(chat_task(opened.ckpt, opened.task), self.tokenizer)
         self.prefix = self.end if self.end is not None else self.tokenizer.start_ids()[0]  # what an empty context is
         self.on = next(opened.model.parameters()).device
-        specials = sorted(self.tokenizer.special_tokens(), key=len, reverse=True)
-        self.specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
     def encode(self, text):
-        """As transformers encodes a text: the special tokens' spellings read as those tokens (split
-        out first), the rest through the vocabulary, characters it lacks left out."""
-        ids = []
-        for piece in self.specials.split(text) if self.specials else [text]:
-            special = self.tokenizer.special_id(piece) if self.specials and self.specials.fullmatch(piece) else None
-            if special is not None:
-                ids.append(special)
-            elif piece:
-                ids += self.tokenizer.encode(spelled(self.tokenizer, piece, drop_unknown=True))
-        return ids
+        return encode_as_transformers(self.tokenizer, text)
 
     def pair(self, context, continuation):
         """(context ids, continuation ids) as lm-eval's hf model splits them: trailing spaces of the

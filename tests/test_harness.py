@@ -55,3 +55,33 @@ def test_the_shipped_numerals_task_tells_a_trained_model_from_an_untrained_one(t
         score = {name: evaluate(EvalConfig(out_dir=str(path), tasks="numerals", limit=20))["results"]["numerals"]
                  ["exact_match,none"] for name, path in (("trained", trained_numerals[0]), ("untrained", tmp_path / "untrained"))}
     assert score["trained"] == 1.0 and score["untrained"] == 0.0, score
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_lm_evals_local_completions_through_our_server_gives_the_direct_numbers(trained_chat):
+    """Bug: echo's prompt scores one position off, a batch's choices not in their prompts' order, the
+    end-of-text token missing from the scored tokens, /tokenize reading markers as text (lm-eval finds
+    the remote tokenizer by itself), generation not stopping where the direct class stops."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+    from model.harness import SmallGPT
+    from test_serve import serving
+    opened = open_model(trained_chat, quiet=True)
+    ours = SmallGPT(opened, batch_size=3)
+    short = [("天行健,君子以自强不息。",), ("你好!我是一个很小的GPT,有什么可以帮你?",)]  # one window in both
+    ask = [("<|user|>天行健的下一句是什么?<|end|><|assistant|>", {"until": ["<|end|>"], "max_gen_toks": 32}),
+           ("<|user|>你好<|end|><|assistant|>", {"until": ["GPT"], "max_gen_toks": 40})]
+    with serving(trained_chat) as running:  # max_length: lm-eval keeps one token of it for the one it asks
+        theirs = LocalCompletionsAPI(base_url=running.url + "/v1/completions", model=running.name,
+                                     max_length=opened.model.config.block_size + 1, batch_size=3)
+        assert theirs.tokenizer_backend == "remote"
+        pairs = (theirs.loglikelihood(requests("loglikelihood", PAIRS)),
+                 ours.loglikelihood(requests("loglikelihood", PAIRS)))
+        rolling = (theirs.loglikelihood_rolling(requests("loglikelihood_rolling", short)),
+                   ours.loglikelihood_rolling(requests("loglikelihood_rolling", short)))
+        replies = (theirs.generate_until(requests("generate_until", ask)), ours.generate_until(requests("generate_until", ask)))
+    for (a, greedy_a), (b, greedy_b) in zip(*pairs):
+        assert abs(a - b) < 1e-4 and greedy_a == greedy_b
+    assert pairs[0][0][1], "the trained answer is the greedy one"
+    for a, b in zip(*rolling):
+        assert abs(a - b) < 1e-4
+    assert replies[0] == replies[1] == ["君子以自强不息。", "你好!我是一个很小的"]

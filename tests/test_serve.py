@@ -346,6 +346,17 @@ def bad_requests(name):
          400, "not supported"),
         ("five stop strings", "completions", {"model": name, "prompt": "1", "stop": list("abcde")}, None, 400,
          "at most 4"),
+        ("logprobs past 20", "completions", {"model": name, "prompt": "1", "logprobs": 21}, None, 400,
+         "between 0 and 20"),
+        ("logprobs streamed", "completions", {"model": name, "prompt": "1", "logprobs": 1, "stream": True}, None, 400,
+         "without 'stream'"),
+        ("top_logprobs without logprobs", "chat/completions", {**ok, "top_logprobs": 2}, None, 400, "needs 'logprobs'"),
+        ("echo not a boolean", "completions", {"model": name, "prompt": "1", "echo": "yes"}, None, 400, "boolean"),
+        ("a token id past the vocabulary", "completions", {"model": name, "prompt": [1, 99999]}, None, 400,
+         "token id 99999"),
+        ("a prompt of no tokens", "completions", {"model": name, "prompt": [[]]}, None, 400, "non-empty array"),
+        ("no prompt", "completions", {"model": name, "prompt": []}, None, 400, "'prompt' must be"),
+        ("more prompts than the queue", "completions", {"model": name, "prompt": ["1"] * 65}, None, 400, "at most 64"),
     ]
 
 
@@ -375,7 +386,7 @@ def test_a_lone_surrogate_in_any_field_is_a_4xx_never_a_500(numerals):
     chat_body = {"model": numerals.name, "messages": [{"role": "user", "content": "305"}], "max_tokens": 4,
                  "temperature": 0, "top_p": 1, "top_k": 5, "n": 1, "stop": ["x"], "seed": 1, "stream": False,
                  "stream_options": {"include_usage": True}, "max_completion_tokens": 4, "logprobs": False}
-    text_body = {**{k: v for k, v in chat_body.items() if k != "messages"}, "prompt": "305"}
+    text_body = {**{k: v for k, v in chat_body.items() if k != "messages"}, "prompt": "305", "logprobs": 1, "echo": True}
     bodies = []
     for route, body in (("chat/completions", chat_body), ("completions", text_body)):
         bodies += [(route, {**body, key: bad}) for key in body]  # every field, of any kind, holding it
@@ -387,6 +398,59 @@ def test_a_lone_surrogate_in_any_field_is_a_4xx_never_a_500(numerals):
         code, answer = post(f"{numerals.url}/v1/{route}", None, raw=json.dumps(body).encode())  # ASCII: \ud800 escaped
         assert 400 <= code < 500 and answer["error"]["message"], (route, body, code, answer)
     assert chat(numerals, "305", temperature=0).choices[0].message.content == "三百零五", "and the server goes on"
+
+
+def test_logprobs_and_echo_are_the_models_own_for_each_prompt_and_choice(numerals, trained_numerals):
+    """Catches: a token scored by the logits of the position after it, scores taken after the banned
+    tokens were masked, choices not in their prompts' order, the echoed text or the end token missing,
+    the chat reply's end of turn among its tokens."""
+    opened = open_model(trained_numerals[0], quiet=True)
+    task, tok = opened.task, opened.tokenizer
+    prompts = [task.encode_messages([{"role": "user", "content": q}]) for q in ("305", "7")]
+    answer = numerals.client().completions.create(model=numerals.name, prompt=prompts, max_tokens=6, temperature=0,
+                                                 logprobs=2, echo=True)
+    assert [c.index for c in answer.choices] == [0, 1] and answer.usage.prompt_tokens == sum(map(len, prompts))
+    for ids, choice, words in zip(prompts, answer.choices, ("三百零五", "七")):
+        reply = complete(opened.model, [ids], replace(task.rules, max_tokens=6, temperature=0))[0]
+        assert choice.text == tok.decode(ids) + words and reply[-1] == task.end
+        seq = ids + reply
+        with torch.no_grad():
+            logp = torch.log_softmax(opened.model(torch.tensor([seq]))[0][0], dim=-1)
+        lp = choice.logprobs
+        assert lp.tokens == [tok.decode([i]) for i in seq] and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.text_offset == [len(tok.decode(seq[:k])) for k in range(len(seq))]
+        for k in range(1, len(seq)):
+            assert abs(lp.token_logprobs[k] - logp[k - 1, seq[k]].item()) < 1e-4
+            best = logp[k - 1].topk(2)
+            expected = {tok.decode([i]): v for i, v in zip(best.indices.tolist(), best.values.tolist())}
+            expected[tok.decode([seq[k]])] = logp[k - 1, seq[k]].item()
+            assert lp.top_logprobs[k].keys() == expected.keys()
+            assert all(abs(lp.top_logprobs[k][t] - v) < 1e-4 for t, v in expected.items())
+    reply = chat(numerals, "305", temperature=0, logprobs=True, top_logprobs=3).choices[0]
+    content = reply.logprobs.content
+    assert "".join(t.token for t in content) == reply.message.content == "三百零五"
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob == t.logprob for t in content), "greedy: the best"
+    assert all(bytes(t.bytes).decode() == t.token for t in content)
+    plain = numerals.client().completions.create(model=numerals.name, prompt="305", max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None and not plain.choices[0].text.startswith("305"), "no echo asked"
+
+
+def test_the_tokenizer_routes_are_vllms_and_read_markers_as_transformers_does(numerals, trained_numerals):
+    """Catches: /tokenize reading a marker's spelling as characters (lm-eval's remote tokenizer would
+    then score other tokens than the model was trained on), a missing end of text in /tokenizer_info."""
+    tok = open_model(trained_numerals[0], quiet=True).tokenizer
+    code, info = get_json(numerals.url + "/tokenizer_info")
+    assert code == 200 and info["eos_token"] == "<|end|>" and "<|assistant|>" in info["chat_template"]
+    code, ids = post(numerals.url + "/tokenize", {"prompt": "<|user|>305<|end|>"})
+    assert code == 200 and ids["tokens"] == [tok.special_id("<|user|>"), *tok.encode("305"), tok.special_id("<|end|>")]
+    assert post(numerals.url + "/detokenize", {"tokens": ids["tokens"]}) == (200, {"prompt": "<|user|>305<|end|>"})
+    code, answer = post(numerals.url + "/detokenize", {"tokens": [-1]})
+    assert code == 400 and "token id -1" in answer["error"]["message"]
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.status, json.loads(r.read())
 
 
 def test_the_official_client_sees_the_errors_as_its_own_kinds(numerals):

@@ -1,14 +1,16 @@
 """The OpenAI API over HTTP, on Starlette: what a request may say, and the answers' shapes.
 
     POST /v1/chat/completions   messages -> the assistant's reply (models with a chat template)
-    POST /v1/completions        prompt -> its continuation (every model)
+    POST /v1/completions        prompt(s) -> continuations (every model); logprobs and echo score text
     GET  /v1/models             the one model served
+    POST /tokenize, /detokenize, GET /tokenizer_info   the model's tokenizer, as vLLM serves it
     GET  /                      the chat page
 
 Each request becomes one of the engine's Requests (model/engine.py, which sample.py decodes through
 too); replies come back whole or, with "stream": true, as server-sent events in the API's chunk
 format, ending with `data: [DONE]`. Every mistake in a request is an OpenAI-style JSON error with
-a 4xx status, and the server goes on serving.
+a 4xx status, and the server goes on serving. With logprobs and echo (the prompt's own scores) and
+the tokenizer routes, lm-evaluation-harness's `local-completions` model evaluates the served model.
 """
 
 import asyncio
@@ -29,14 +31,14 @@ from starlette.routing import Route
 
 from model.engine import QueueFull, Request, TextStream, draws
 from model.errors import UserError
-from model.tasks import chat_task
-from model.tokenizer import UnknownCharacters
+from model.tasks import chat_task, end_of_text
+from model.tokenizer import UnknownCharacters, encode_as_transformers
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: o1's system
 # refused when set (0, false and null pass), never silently ignored
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "tools", "functions", "suffix", "presence_penalty",
-               "frequency_penalty", "logit_bias")
+UNSUPPORTED = ("tools", "functions", "suffix", "presence_penalty", "frequency_penalty", "logit_bias")
 DEFAULT_COMPLETION_TOKENS = 16  # the API's default max_tokens for /v1/completions (chat: the rest of the context)
+MOST_LOGPROBS = 20  # alternatives a token at most (the chat API's top_logprobs limit; vLLM's default too)
 
 
 class RequestError(Exception):
@@ -156,13 +158,54 @@ def read_messages(body):
     return out
 
 
-def read_prompt(body):
+def read_prompts(body, served):
+    """The prompts' ids and texts, as the API takes them: a string, strings, token ids (a list of
+    ints) or lists of token ids."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise RequestError("'prompt' must be a string (one prompt a request)", param="prompt")
-    return unicode_text(prompt, "prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise RequestError("'prompt' must be a string, an array of strings, or token ids (an array of integers, or "
+                           "arrays of them)", param="prompt")
+    out = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            out.append((encoded(served.task.encode_prompt, unicode_text(p, f"prompt[{i}]")), p))
+        else:
+            out.append((read_ids(p, served, f"prompt[{i}]"), None))
+    return out
+
+
+def read_ids(ids, served, param):
+    """Token ids a request gives: a non-empty list of ids the tokenizer has."""
+    size = served.tokenizer.vocab_size
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise RequestError(f"'{param}' must be a string or a non-empty array of token ids", param=param)
+    bad = [t for t in ids if not 0 <= t < size]
+    if bad:
+        raise RequestError(f"'{param}' holds the token id {bad[0]}; this model's ids are 0 to {size - 1}", param=param)
+    return ids
+
+
+def read_logprobs(body, chat):
+    """How many alternatives a token the reply's logprobs list (None: no logprobs): the chat API's
+    logprobs (a boolean) with top_logprobs, the completions API's logprobs (a number)."""
+    if chat:
+        n = get(body, "top_logprobs", "integer")
+        if not get(body, "logprobs", "boolean", False):
+            if n is not None:
+                raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            return None
+        name, n = "top_logprobs", 0 if n is None else n
+    else:
+        name, n = "logprobs", get(body, "logprobs", "integer")
+        if n is None:
+            return None
+    if not 0 <= n <= MOST_LOGPROBS:
+        raise RequestError(f"'{name}' must be between 0 and {MOST_LOGPROBS}, got {n}", param=name)
+    if get(body, "stream", "boolean", False):
+        raise RequestError("logprobs are not streamed by this server: ask for them without 'stream'", param="stream")
+    return n
 
 
 def encoded(encode, text):
@@ -183,11 +226,12 @@ def read_top_k(body):
     return top_k if top_k > 0 else None
 
 
-def read_requests(body, served, prompt, chat, most):
+def read_requests(body, served, prompt, chat, most, echo=False):
     """The engine Requests a body asks for (one a choice, `n` of them, at most `most`), its prompt's
     ids given; every option checked. Choice i draws with seed + i, as sample.py's sample i does.
     chat: whether it is a chat completion (by default it may take the rest of the context; a
-    completion 16 tokens), whose text starts afresh; a completion's continues its prompt."""
+    completion 16 tokens), whose text starts afresh; a completion's continues its prompt. echo:
+    the prompt's tokens are scored too (with logprobs)."""
     for name in UNSUPPORTED:
         if body.get(name):
             raise RequestError(f"'{name}' is not supported by this server", param=name)
@@ -219,8 +263,10 @@ def read_requests(body, served, prompt, chat, most):
     if seed is not None and not -2 ** 63 <= seed < 2 ** 64:
         raise RequestError(f"'seed' must be a 64-bit integer, got {seed}", param="seed")
     base = (served.chat or served.task).rules  # a model trained to answer stops at its end of turn, on both routes
+    logprobs = read_logprobs(body, chat)
     rules = replace(base, max_tokens=max_tokens, temperature=0.0 if top_p == 0 else temperature, top_k=read_top_k(body),
-                    top_p=top_p or 1.0, seed=seed, stop=tuple(stop))
+                    top_p=top_p or 1.0, seed=seed, stop=tuple(stop), logprobs=logprobs,
+                    prompt_logprobs=logprobs if echo else None)
     return [Request(prompt, r, TextStream(served.tokenizer, r.stop, context=() if chat else prompt)) for r in draws(rules, n)]
 
 
@@ -243,25 +289,57 @@ class Reply:
         n = sum(len(job.tokens) for job in jobs)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
 
-    def choice(self, index, text, reason, delta=None):
+    def choice(self, index, text, reason, delta=None, logprobs=None):
         """Choice `index` of a reply; for a chat chunk, `delta` is the message's part it brings."""
         if self.kind == "text":
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
         if delta is not None:
             return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": reason}
 
-    def whole(self, texts, reasons, jobs):
+    def whole(self, texts, reasons, jobs, logprobs):
         kind = "chat.completion" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": [self.choice(i, t, r) for i, (t, r) in enumerate(zip(texts, reasons))],
+                "choices": [self.choice(i, t, r, logprobs=lp) for i, (t, r, lp) in enumerate(zip(texts, reasons, logprobs))],
                 "usage": self.usage(jobs)}
 
     def chunk(self, choices, usage=None):
         kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         body = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
         return f"data: {json.dumps(body if usage is None else {**body, 'usage': usage}, ensure_ascii=False)}\n\n"
+
+
+def token_text(tokenizer, i):
+    """A token as the logprobs show it: its text, or (a byte-level token that ends inside a
+    character) its bytes written bytes:\\xe4\\xbd, so distinct tokens never share a name."""
+    raw = tokenizer.token_bytes(i)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def text_logprobs(tokenizer, job, echo):
+    """A completion's logprobs in the API's shape: each token (the prompt's first, with echo), its
+    log-probability (null for the prompt's first, which nothing predicts), {token: logprob} of the
+    most likely ones and the token itself, and where its text starts in the choice's text."""
+    ids, scores = (job.prompt + job.tokens, job.prompt_logprobs + job.logprobs) if echo else (job.tokens, job.logprobs)
+    tokens = [token_text(tokenizer, i) for i in ids]
+    offsets = [sum(map(len, tokens[:k])) for k in range(len(tokens))]
+    top = [None if s is None else {**{token_text(tokenizer, i): lp for i, lp in s.top}, t: s.logprob}
+           for t, s in zip(tokens, scores)]
+    return {"tokens": tokens, "token_logprobs": [None if s is None else s.logprob for s in scores],
+            "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, job):
+    """A chat reply's logprobs in the API's shape: for each token of the reply (not the end of turn),
+    its text, log-probability and bytes, and the most likely tokens'."""
+    def entry(i, logprob):
+        return {"token": token_text(tokenizer, i), "logprob": logprob, "bytes": list(tokenizer.token_bytes(i))}
+    return {"content": [{**entry(i, s.logprob), "top_logprobs": [entry(j, lp) for j, lp in s.top]}
+                        for i, s in zip(job.reply(), job.logprobs)], "refusal": None}
 
 
 async def until_disconnected(receive, work):
@@ -353,19 +431,30 @@ class Api:
                                f"its folder has none): use /v1/completions", param="messages")
         prompt = encoded(chat.encode_messages, read_messages(body))
         jobs = read_requests(body, self.served, prompt, True, self.engine.max_batch)
-        return await self.answer(request, body, jobs, "chat")
+        return await self.answer(request, body, jobs, "chat", len(prompt))
 
     async def completions(self, request):
+        """Each prompt's n choices, in order (choice index = prompt's index x n + its own); with echo, a
+        choice's text begins with its prompt's."""
         body = await self.request(request)
-        prompt = encoded(self.served.task.encode_prompt, read_prompt(body))
-        jobs = read_requests(body, self.served, prompt, False, self.engine.max_batch)
-        return await self.answer(request, body, jobs, "text")
+        prompts, echo = read_prompts(body, self.served), get(body, "echo", "boolean", False)
+        jobs, echoes = [], []
+        for ids, text in prompts:
+            choices = read_requests(body, self.served, ids, False, self.engine.max_batch, echo)
+            jobs += choices
+            echoes += [self.served.tokenizer.decode(ids) if text is None else text] * len(choices) if echo else []
+        if len(jobs) > self.engine.max_queue:
+            raise RequestError(f"{len(prompts)} prompts of {len(jobs) // len(prompts)} choices each are {len(jobs)} "
+                               f"completions; this server takes at most {self.engine.max_queue} a request",
+                               param="prompt")
+        return await self.answer(request, body, jobs, "text", sum(len(ids) for ids, _ in prompts), echoes)
 
-    async def answer(self, request, body, jobs, kind):
-        """Queue the jobs (one a choice); the reply whole, or streamed as events."""
+    async def answer(self, request, body, jobs, kind, prompt_tokens, echoes=()):
+        """Queue the jobs (one a choice); the reply whole, or streamed as events. echoes: the text each
+        choice begins with (its prompt's)."""
         stream = get(body, "stream", "boolean", False)
         usage = get(get(body, "stream_options", "object", {}), "include_usage", "boolean", False, "stream_options.")
-        reply, events = Reply(kind, self.served.name, len(jobs[0].prompt)), asyncio.Queue()
+        reply, events = Reply(kind, self.served.name, prompt_tokens), asyncio.Queue()
         for i, job in enumerate(jobs):
             job.emit = lambda event, i=i: self.mailbox.post(events, (i, *event))
         try:
@@ -374,8 +463,8 @@ class Api:
             raise RequestError(f"the server is busy ({e}); try again shortly", 429, code="rate_limit_exceeded",
                                kind="requests") from None
         if stream:
-            return EventStream(self.events(jobs, events, reply, usage))
-        texts, reasons = [""] * len(jobs), [None] * len(jobs)
+            return EventStream(self.events(jobs, events, reply, usage, echoes))
+        texts, reasons = list(echoes) or [""] * len(jobs), [None] * len(jobs)
 
         async def collect():
             while None in reasons:
@@ -390,15 +479,22 @@ class Api:
             return ApiJSON({})  # nobody is there to read it
         if "error" in reasons:
             return ApiJSON(error_body("the server failed while decoding (see its log)", "server_error"), 500)
-        return ApiJSON(reply.whole(texts, reasons, jobs))
+        return ApiJSON(reply.whole(texts, reasons, jobs, [self.logprobs(job, kind, bool(echoes)) for job in jobs]))
 
-    async def events(self, jobs, events, reply, usage):
+    def logprobs(self, job, kind, echo):
+        if job.rules.logprobs is None:
+            return None
+        return text_logprobs(self.served.tokenizer, job, echo) if kind == "text" else chat_logprobs(self.served.tokenizer, job)
+
+    async def events(self, jobs, events, reply, usage, echoes=()):
         """The reply as server-sent events, each chunk the text that came for each choice; the jobs leave
         the batch if the client goes away."""
         ended = set()
         try:
             if reply.kind == "chat":
                 yield reply.chunk([reply.choice(i, "", None, {"role": "assistant", "content": ""}) for i in range(len(jobs))])
+            if echoes:
+                yield reply.chunk([reply.choice(i, text, None) for i, text in enumerate(echoes)])
             while len(ended) < len(jobs):
                 came = [await events.get()]
                 while not events.empty():  # the client fell behind: what came goes as one chunk
@@ -433,6 +529,34 @@ class Api:
                                f"{self.served.name!r}", 404, code="model_not_found")
         return ApiJSON(self.model_card())
 
+    async def tokenize(self, request):
+        """vLLM's POST /tokenize: a text's ids as transformers reads it (special tokens' spellings are
+        those tokens), which is how lm-eval's remote tokenizer sees them."""
+        self.check_key(request)
+        body = await read_body(request, self.max_body)
+        text = get(body, "prompt", "string")
+        if text is None:
+            raise RequestError("'prompt' (the text to tokenize) is missing", param="prompt")
+        ids = encode_as_transformers(self.served.tokenizer, unicode_text(text, "prompt"))
+        return ApiJSON({"count": len(ids), "max_model_len": self.served.block_size, "tokens": ids})
+
+    async def detokenize(self, request):
+        self.check_key(request)
+        body = await read_body(request, self.max_body)
+        ids = read_ids(body.get("tokens"), self.served, "tokens") if body.get("tokens") != [] else []
+        return ApiJSON({"prompt": self.served.tokenizer.decode(ids)})
+
+    async def tokenizer_info(self, request):
+        """vLLM's GET /tokenizer_info, the fields transformers' tokenizer_config.json names: the end of text
+        (a chat model's end of turn), the chat template, the longest input."""
+        self.check_key(request)
+        tokenizer, chat = self.served.tokenizer, self.served.chat
+        end = end_of_text(chat, tokenizer)
+        eos = None if end is None else tokenizer.decode([end])
+        return ApiJSON({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": None,
+                        "pad_token": eos, "chat_template": chat.template.jinja() if chat else None,
+                        "model_max_length": self.served.block_size})
+
     def model_card(self):
         return {"id": self.served.name, "object": "model", "created": self.served.created, "owned_by": "smallgpt"}
 
@@ -466,6 +590,8 @@ def create_app(served, engine, api_key="", max_body=1_000_000):
 
     routes = [Route("/", api.page), Route("/v1/models", api.models), Route("/v1/models/{name:path}", api.model),
               Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
-              Route("/v1/completions", api.completions, methods=["POST"])]
+              Route("/v1/completions", api.completions, methods=["POST"]),
+              Route("/tokenize", api.tokenize, methods=["POST"]), Route("/detokenize", api.detokenize, methods=["POST"]),
+              Route("/tokenizer_info", api.tokenizer_info)]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={RequestError: request_error, HTTPException: http_error})

@@ -63,6 +63,12 @@ def task_for_training(settings, start, rewarded=False):
     return TASKS["chat" if settings.task == "text" and jsonl else settings.task].for_training(settings, start)
 
 
+def end_of_text(chat, tokenizer):
+    """The id that ends a text, as transformers' eos_token (lm-eval's, vLLM's): a chat model's end of
+    turn, else <|endoftext|>; None when the vocabulary has neither."""
+    return chat.end if chat is not None else tokenizer.special_id("<|endoftext|>")
+
+
 def task_from_checkpoint(ckpt, tokenizer):
     """The task a checkpoint (model.checkpoint.Checkpoint) was trained on, for using the model."""
     state = ckpt.task or {"type": "text"}
