@@ -22,6 +22,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
+from itertools import accumulate
 
 import anyio
 from starlette.applications import Starlette
@@ -326,7 +327,7 @@ def text_logprobs(tokenizer, job, echo):
     most likely ones and the token itself, and where its text starts in the choice's text."""
     ids, scores = (job.prompt + job.tokens, job.prompt_logprobs + job.logprobs) if echo else (job.tokens, job.logprobs)
     tokens = [token_text(tokenizer, i) for i in ids]
-    offsets = [sum(map(len, tokens[:k])) for k in range(len(tokens))]
+    offsets = list(accumulate(map(len, tokens), initial=0))[:-1]  # where each token's text starts
     top = [None if s is None else {**{token_text(tokenizer, i): lp for i, lp in s.top}, t: s.logprob}
            for t, s in zip(tokens, scores)]
     return {"tokens": tokens, "token_logprobs": [None if s is None else s.logprob for s in scores],
