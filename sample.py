@@ -29,7 +29,7 @@ def read_prompt(start):
 
 def sample(argv):
     cfg = load_config(SampleConfig, argv)
-    opened = open_model(cfg, cfg.device)
+    opened = open_model(cfg, cfg.device, dtype=cfg.dtype)
     task, prompt = opened.task, read_prompt(cfg.start)
     if cfg.chat or cfg.system:
         task = chat_task(opened.ckpt, opened.task)

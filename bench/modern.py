@@ -3,7 +3,7 @@ intermediate 4864, vocabulary 151,936, tied head, RoPE theta 1e6), random weight
 downloaded), on the CPU, float32:
 
 - greedy generation, batch 1, a 16-token prompt and 64 new tokens: our generate() on the model as
-  sample.py opens the folder (model.hf, runtime.decode_layout) against transformers'
+  sample.py opens the folder (model.hf, model/quantize.py's float32 decoding weights) against transformers'
   Qwen2ForCausalLM.generate on the same folder, alternately in one process, the same tokens;
 - one fine-tuning step (forward, backward, clipping, fused AdamW) at 2 x 256 tokens: seconds a
   step and the process's peak RSS, in a process of its own.
@@ -51,7 +51,7 @@ def hf_folder(folder):
 def generation(rounds):
     with tempfile.TemporaryDirectory() as folder:
         hf = hf_folder(folder)
-        ours = open_model(ckpt=folder, quiet=True).model
+        ours = open_model(folder, quiet=True, dtype="float32").model
     prompt = torch.randint(151936, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     rows = []
     with torch.no_grad():

@@ -22,7 +22,8 @@ from common import run_case, write_results
 sys.path.insert(0, str(__import__("common").ROOT))
 from model import GPT, GPTConfig  # noqa: E402
 from model.engine import Engine, Request, Rules, draws  # noqa: E402
-from model.runtime import decode_layout, peak_memory_mb  # noqa: E402
+from model.quantize import for_decoding  # noqa: E402
+from model.runtime import peak_memory_mb  # noqa: E402
 
 NEW_TOKENS = 500
 CASES = {"nocache": (False, 1), "cache": (True, 1), "batch8": (True, 8)}  # (kv_cache, samples)
@@ -33,7 +34,7 @@ def measure(kv_cache, device, samples=1):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=256, vocab_size=65, n_layer=6, n_head=6, n_embd=384)).to(device).eval()
     if device == "cpu":
-        decode_layout(model)  # as sample.py opens a model on the CPU
+        for_decoding(model, "float32")  # as sample.py opens a model on the CPU
     def decode(tokens):
         requests = [Request([0], rules) for rules in draws(Rules(max_tokens=tokens, temperature=1.0, seed=0), samples)]
         Engine(model, max_batch=samples, use_cache=kv_cache).complete(requests)

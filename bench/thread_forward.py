@@ -17,7 +17,7 @@ from common import ROOT, write_results
 sys.path.insert(0, str(ROOT))
 from model import GPT, GPTConfig  # noqa: E402
 from model.engine import new_cache  # noqa: E402
-from model.runtime import decode_layout  # noqa: E402
+from model.quantize import for_decoding  # noqa: E402
 
 ROUNDS, STEPS = 3, 40
 
@@ -50,8 +50,8 @@ def in_thread(model, batch):
 
 def main():
     torch.manual_seed(0)
-    model = decode_layout(GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65,
-                                        bias=False)).eval())
+    model = for_decoding(GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=65,
+                                       bias=False)).eval(), "float32")
     rows = []
     for batch in (1, 16):
         times = {"main": [], "thread": []}

@@ -3,7 +3,7 @@ vocabulary 50257, 1024 positions), random weights (nothing downloaded), on the C
 measured alternately in one process:
 
 - generation: 200 new tokens, batch 1, greedy, KV cache: our generate() on the model as sample.py
-  opens it (runtime.decode_layout) against GPT2LMHeadModel.generate(use_cache=True, do_sample=False);
+  opens it (model/quantize.py's float32 decoding weights) against GPT2LMHeadModel.generate(use_cache=True, do_sample=False);
 - one training step: forward, backward and AdamW on a batch of 4 x 256 tokens: our train_step
   (fused CPU AdamW) against GPT2LMHeadModel(input_ids, labels=...) and torch's AdamW as
   transformers' Trainer uses it.
@@ -23,7 +23,7 @@ from common import ROOT, write_results
 
 sys.path.insert(0, str(ROOT))
 from model import GPT, GPTConfig  # noqa: E402
-from model.runtime import decode_layout  # noqa: E402
+from model.quantize import for_decoding  # noqa: E402
 from model.engine import generate  # noqa: E402
 from model.trainer import train_step  # noqa: E402
 
@@ -82,7 +82,7 @@ def main():
     optimizers = (ours.configure_optimizers(0.1, 1e-4, (0.9, 0.95), "cpu"),
                   torch.optim.AdamW(hf.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95)))
     time_training(ours, hf, optimizers, steps=1)  # warm-up: allocations, optimizer state
-    decoder = decode_layout(copy.deepcopy(ours))  # as sample.py opens a model on the CPU
+    decoder = for_decoding(copy.deepcopy(ours), "float32")  # as sample.py opens a model on the CPU
     with torch.no_grad():
         generate(decoder, torch.tensor([[464]]), 4, temperature=0.0)
     rows = []

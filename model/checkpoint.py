@@ -11,6 +11,7 @@ Hugging Face folder's chat template) and reference (the frozen start of preferen
 
 import hashlib
 import os
+import zipfile
 import pickle
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -23,7 +24,8 @@ from model.errors import UserError
 from model.gpt import GPT, NANOGPT_FIELDS, RUN_FIELDS, GPTConfig
 from model.hf import is_hf_folder, read_folder
 from model.lora import LoRAConfig, add_adapters, merge_adapters
-from model.runtime import decode_layout, resolve_device
+from model.quantize import for_decoding
+from model.runtime import resolve_device
 from model.tasks import task_from_checkpoint
 from model.tokenizer import CharTokenizer, tokenizer_from_dict
 
@@ -181,12 +183,13 @@ def find_checkpoint(out_dir="", ckpt=""):
     return path
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     """The Checkpoint in a file of ours (or nanoGPT's) or a Hugging Face folder. Files are read with
     torch.load(weights_only=True): no pickled code runs, and a file that is truncated, corrupted or
     not a checkpoint at all is one clear UserError. Everything is loaded onto the CPU:
     model_from_checkpoint moves the weights where they run, and the rest (optimizer state, the
-    sort split) stays off the GPU."""
+    sort split) stays off the GPU. mmap: the tensors are the file's pages, mapped, not read into
+    memory of their own (open_model; a run that trains on the file reads it whole)."""
     path = Path(path)
     if is_hf_folder(path):
         folder = read_folder(path)
@@ -199,7 +202,7 @@ def load_checkpoint(path):
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found; {TRAIN_HINT}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many kinds for a bad file; all mean the same to a user
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"{path} is not a readable checkpoint (truncated, corrupted, or another kind "
@@ -219,24 +222,36 @@ def model_from_checkpoint(ckpt, device="cpu", allow_changed_base=False, **overri
     """The GPT a checkpoint describes, with its weights; an adapter checkpoint's (LoRA) with its
     base's weights and its adapters, the adapters (and what else it trained) left trainable.
     model_args that do not fit the weights raise UserError naming the mismatch. `overrides` are
-    GPTConfig fields that do not change the weights (dropout, attention)."""
-    model = GPT(replace(ckpt.model_config, **overrides))
+    GPTConfig fields that do not change the weights (dropout, attention). The model is built with no
+    weights of its own (on the meta device) and takes the checkpoint's tensors as they are: no random
+    weights made only to be overwritten, and float32 weights are not copied (a file opened with mmap
+    stays one copy)."""
+    with torch.device("meta"):
+        model = GPT(replace(ckpt.model_config, **overrides))
+        if ckpt.lora:
+            add_adapters(model, ckpt.lora)
     state = dict(ckpt.model)
     if ckpt.lora:
-        add_adapters(model, ckpt.lora)
         state = {**base_weights(ckpt.lora, model, allow_changed_base), **state}
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in ckpt.model)
     if "lm_head.weight" not in state and "transformer.wte.weight" in state:
         state["lm_head.weight"] = state["transformer.wte.weight"]  # tied; some tools save it once
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, assign=True)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines()[1:4] if ln.strip()]
         source = ckpt.config.get("source")  # a Hugging Face folder's
         what = f"{source}: its config.json does" if source else f"the checkpoint's model_args {ckpt.to_dict()['model_args']} do"
         raise UserError(f"{what} not match its weights: {' '.join(lines)[:400]}") from None
-    return model.to(device)
+    if model.config.head == "tied":  # assigned one by one, the two names became two tensors: one again
+        model.transformer.wte.weight = model.lm_head.weight
+    for module in model.modules():  # buffers no checkpoint holds (the position codes' anchors) are made here
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta:
+                setattr(module, name, torch.zeros(buffer.shape, dtype=torch.float32))
+    if ckpt.lora:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in ckpt.model)
+    return model.to(device, torch.float32)
 
 
 def recorded_state(path, digest, allow_changed, what, used, redo):
@@ -336,19 +351,21 @@ class OpenedModel:
     device: str
 
 
-def open_model(source, device="cpu", quiet=False):
+def open_model(source, device="cpu", quiet=False, dtype=None):
     """The one way to open a model: a ModelSource (a command's flags: its checkpoint file, out_dir,
-    or neither, the one train.py wrote last) or a path -> OpenedModel, laid out for fast decoding on
-    the CPU (runtime.decode_layout). Says on stderr which checkpoint it opened unless quiet."""
+    or neither, the one train.py wrote last) or a path -> OpenedModel. dtype: the weights' type for
+    decoding, 'float32', 'bfloat16' or 'int8' (model/quantize.py); None (the views: every weight a
+    float32 parameter, as trained). Says on stderr which checkpoint it opened unless quiet."""
     source = source if isinstance(source, ModelSource) else ModelSource(ckpt=str(source))
     device = resolve_device(device)
     path = find_checkpoint(source.out_dir, source.ckpt)
     if not quiet:
         print(f"checkpoint: {path}", file=sys.stderr)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, mmap=True)
     model = model_from_checkpoint(ckpt, device, source.allow_changed_base)
     model = merge_adapters(model).eval()  # adapters folded in: as fast as any
-    if device == "cpu":
-        decode_layout(model)
     tokenizer = tokenizer_from_checkpoint(ckpt, source.meta, path)
+    ckpt = replace(ckpt, model={})  # the weights are the model's now: the float32 ones go when it lets them go
+    if dtype is not None:
+        for_decoding(model, dtype, device)
     return OpenedModel(path, ckpt, model, tokenizer, task_from_checkpoint(ckpt, tokenizer), device)

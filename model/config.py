@@ -16,6 +16,7 @@ from model.data import DataSettings
 from model.errors import UserError
 from model.gpt import GPTConfig
 from model.lora import LoRAConfig
+from model.quantize import DECODE_DTYPES
 from model.runtime import DTYPES
 from model.tasks import NAMED
 
@@ -156,7 +157,18 @@ class TrainConfig(ModelOptions, DataSettings):
 
 
 @dataclass
-class SampleConfig(ModelSource):
+class Decoding(ModelSource):
+    """The flags of the commands that decode with a model (sample.py, the server, evaluation)."""
+    device: str = "auto"  # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+    dtype: str = "float32"  # the weights' type: 'float32', 'bfloat16' or 'int8' (8-bit, CPU: model/quantize.py)
+
+    def validate(self):
+        if self.dtype not in DECODE_DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DECODE_DTYPES)}; got {self.dtype!r}")
+
+
+@dataclass
+class SampleConfig(Decoding):
     start: str = ""  # the prompt, or FILE:path to read it from a file
     num_samples: int = 3
     max_new_tokens: int = 200
@@ -164,7 +176,6 @@ class SampleConfig(ModelSource):
     top_k: Optional[int] = None  # sample only among the k most likely tokens
     top_p: float = 1.0  # sample only among the most likely tokens whose probabilities reach p
     seed: int = 1337  # sample i draws with seed + i (the server's "seed" draws as sample 0 does)
-    device: str = "auto"
     drop_unknown: bool = False  # drop prompt characters the vocabulary lacks instead of stopping
     eval: bool = False  # sort checkpoints: exact-match accuracy over every input
     kv_cache: bool = True
@@ -172,6 +183,7 @@ class SampleConfig(ModelSource):
     system: str = ""  # models trained on .jsonl: a system message before the conversation
 
     def validate(self):
+        super().validate()
         if self.temperature < 0:
             raise UserError(f"temperature must be 0 (greedy) or more, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -213,8 +225,7 @@ class WalkthroughConfig(ModelSource):
 
 
 @dataclass
-class ServeConfig(ModelSource):
-    device: str = "auto"
+class ServeConfig(Decoding):
     host: str = "127.0.0.1"  # this machine only; 0.0.0.0 serves the network (set an api_key then)
     port: int = 8000
     model_name: str = ""  # the name clients ask for; empty: the checkpoint's folder name
@@ -224,6 +235,7 @@ class ServeConfig(ModelSource):
     max_body: int = 1_000_000  # bytes a request body may have
 
     def validate(self):
+        super().validate()
         for name in ("max_batch", "max_queue", "max_body"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -155,10 +155,16 @@ class RaggedKVCache(KVCache):
 CACHES = {"plain": KVCache, "ragged": RaggedKVCache, "static": StaticKVCache}
 
 
+def norm_weight(model):
+    """A norm's gain: on the device and in the dtype the model computes in (a model laid out for
+    decoding keeps its matrices in another type, model/quantize.py)."""
+    return model.transformer.h[0].ln_1.weight
+
+
 def new_cache(model, batch_size, length=None, kind="plain"):
     """A cache for batch_size sequences of up to `length` tokens (default block_size), in the
     model's dtype and on its device; kind 'plain', 'static' (compiled decoding) or 'ragged'."""
-    p = model.lm_head.weight
+    p = norm_weight(model)
     return CACHES[kind](model.config, batch_size, p.device, p.dtype, length)
 
 
@@ -271,7 +277,7 @@ class TextStream:
 def compiled_step(model):
     """The model compiled for one-token steps over a StaticKVCache: the shapes never change, so it
     compiles once, and on CUDA the step runs as one CUDA graph (no launch per kernel)."""
-    mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None
+    mode = "reduce-overhead" if norm_weight(model).is_cuda else None
     return torch.compile(model, dynamic=False, fullgraph=True, mode=mode)
 
 
@@ -402,7 +408,7 @@ class Engine:
     def __init__(self, model, max_batch=16, max_queue=64, use_cache=True):
         self.model, self.max_batch, self.max_queue, self.use_cache = model, max_batch, max_queue, use_cache
         self.block_size = model.config.block_size
-        self.device = model.lm_head.weight.device
+        self.device = norm_weight(model).device
         self.cache = new_cache(model, max_batch, 1, kind="ragged")  # it grows to what the requests need
         self.rows = []  # the running requests: request i's keys and values are the cache's row i
         self.waiting = deque()
@@ -533,15 +539,18 @@ class Engine:
         self.cache.use(a, b)
         T = max(map(len, windows))
         ids = torch.tensor([w + [0] * (T - len(w)) for w in windows], device=self.device)
-        logits, _ = self.model(ids, kv_cache=self.cache)
+        last = torch.tensor([len(w) - 1 for w in windows], device=self.device)
+        scoring = [r.rules.prompt_logprobs is not None and not r.tokens for r in self.rows[a:b]]  # a prompt read first
+        logits, _ = self.model(ids, kv_cache=self.cache, last=None if any(scoring) else last)
         for row, w in zip(range(a, b), windows):
             self.cache.lengths[row] = len(w)
         for i, (request, w) in enumerate(zip(self.rows[a:b], windows)):
-            if request.rules.prompt_logprobs is not None and not request.tokens:  # its prompt, read the first time
+            if scoring[i]:
                 ahead = scored(logits[i, :len(w) - 1], torch.tensor(w[1:], device=self.device),
                                request.rules.prompt_logprobs)
                 request.prompt_logprobs = [None] * (request.start + 1) + ahead  # the window's first predicts nothing
-        last = torch.tensor([len(w) - 1 for w in windows], device=self.device)
+        if not any(scoring):
+            last = torch.zeros_like(last)  # the logits are the last positions' already
         self.advance(logits[torch.arange(b - a, device=self.device), last], range(a, b))
 
     def step(self, n):

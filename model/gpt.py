@@ -318,9 +318,10 @@ class GPT(nn.Module):
             n -= sum(p.numel() for p in self.transformer.wpe.parameters())
         return n
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last=None):
         """idx: (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy over
-        targets (B, T) that are not -1 (None without targets). With a kv_cache (model/engine.py),
+        targets (B, T) that are not -1 (None without targets). last (B,): each row's last position;
+        only its logits are computed, (B, 1, vocab_size) (reading a prompt needs no others). With a kv_cache (model/engine.py),
         idx holds only the tokens after the cached ones and they take the positions after them (a
         ragged cache: each row's own, so pos is (B, T) and each row's position embedding its own
         (B, T, C)). Training with gradient checkpointing, the logits are None: the loss is computed
@@ -345,6 +346,8 @@ class GPT(nn.Module):
                 x = block(x, kv_cache, layer, rope, mask)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if last is not None:
+            x = x[torch.arange(B, device=x.device), last][:, None]  # (B, 1, C)
         x = self.transformer.ln_f(x)
         if recompute and targets is not None:
             return None, self.chunked_loss(x, targets)

@@ -16,8 +16,8 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from model.checkpoint import ModelSource, open_model
-from model.config import load_config, run_command
+from model.checkpoint import open_model
+from model.config import Decoding, load_config, run_command
 from model.engine import Engine, Request, Rules, without_stop
 from model.errors import UserError
 from model.tasks import chat_task, end_of_text
@@ -111,15 +111,15 @@ def cut(text, stops):
 
 
 @dataclass
-class EvalConfig(ModelSource):
+class EvalConfig(Decoding):
     tasks: str = ""  # lm-eval task names, comma-separated (data/eval/ holds ours; --include_path adds folders)
     include_path: str = "data/eval"  # folders of task YAML files
     limit: int = 0  # examples per task at most (0: all)
     num_fewshot: int = -1  # -1: each task's own
     batch_size: int = 16
-    device: str = "auto"
 
     def validate(self):
+        super().validate()
         if not self.tasks:
             raise UserError("give --tasks=NAME[,NAME...] (e.g. --tasks=numerals; data/eval/ holds our tasks)")
         if self.batch_size < 1:
@@ -138,7 +138,7 @@ def evaluate(cfg):
     if unknown:
         raise UserError(f"lm-eval knows no task {', '.join(unknown)}; ours are in {cfg.include_path} (or give "
                         f"--include_path=FOLDER of task YAML files)")
-    lm = SmallGPT(open_model(cfg, cfg.device), cfg.batch_size)
+    lm = SmallGPT(open_model(cfg, cfg.device, dtype=cfg.dtype), cfg.batch_size)
     return simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=cfg.limit or None,
                            num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot, log_samples=False)
 

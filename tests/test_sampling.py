@@ -278,16 +278,3 @@ def test_sort_start_must_be_valid(trained_sort, capsys):
     base, _ = trained_sort
     assert sample_cli.main([f"--out_dir={base / 'out' / 'sort'}", "--start=CBAD"]) == 2
     assert "a prompt must be 6 letters from ABC, got 'CBAD'" in capsys.readouterr().err
-
-
-def test_models_opened_for_use_decode_in_the_faster_layout_with_the_same_numbers(trained_chinese):
-    from model.checkpoint import load_checkpoint, model_from_checkpoint, open_model
-    base, _ = trained_chinese
-    path = base / "out" / "chinese" / "ckpt.pt"
-    plain, opened = model_from_checkpoint(load_checkpoint(path)).eval(), open_model(path, quiet=True).model
-    weight = opened.transformer.h[0].mlp.c_fc.weight
-    assert weight.shape == (256, 64) and weight.stride() == (1, 256), "(out, in) shape, stored column by column"
-    assert opened.lm_head.weight is opened.transformer.wte.weight, "still tied"
-    idx = torch.tensor([[3, 1, 4, 1, 5]])
-    torch.testing.assert_close(opened(idx)[0], plain(idx)[0], rtol=1e-6, atol=1e-6)
-    assert torch.equal(generate(opened, idx, 30, temperature=0.0), generate(plain, idx, 30, temperature=0.0))

@@ -29,7 +29,7 @@ def listen(host, port):
 
 def make_app(cfg, quiet=False):
     """(the ASGI app, its engine, the model's name) for a ServeConfig."""
-    opened = open_model(cfg, cfg.device, quiet=quiet)
+    opened = open_model(cfg, cfg.device, quiet=quiet, dtype=cfg.dtype)
     served = Served.of(opened, cfg.model_name)
     engine = Engine(opened.model, cfg.max_batch, cfg.max_queue)
     api_key = cfg.api_key or os.environ.get("SMALLGPT_API_KEY", "")
