@@ -15,6 +15,7 @@ of them. The KV caches a generation feeds it live with the decoding engine (mode
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -195,14 +196,14 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, rope), rotate(k, rope)
         if kv_cache is not None:
             k, v = kv_cache.append(layer, k, v)  # (B, nkv, past + T, hs)
-        if nkv < nh:  # grouped-query attention: each key/value head serves nh // nkv query heads
-            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         y = self.attend(q, k, v, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # join the heads again
         return self.resid_dropout(self.c_proj(y))
 
     def explicit_attention(self, q, k, v, mask=None):
-        """softmax(Q K^T / sqrt(hs) + causal mask) V, written out. q: (B, nh, T, hs), k, v: (B, nh, past + T, hs)."""
+        """softmax(Q K^T / sqrt(hs) + causal mask) V, written out. q: (B, nh, T, hs), k, v: (B, nkv, past + T, hs)."""
+        if k.size(1) < q.size(1):  # grouped-query attention: each key/value head serves nh // nkv query heads
+            k, v = k.repeat_interleave(q.size(1) // k.size(1), dim=1), v.repeat_interleave(q.size(1) // k.size(1), dim=1)
         T, S = q.size(2), k.size(2)
         scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
         mask = causal_mask(T, S, q.device) if mask is None else mask
@@ -212,16 +213,18 @@ class CausalSelfAttention(nn.Module):
         return att @ v  # (B, nh, T, hs)
 
     def sdpa_attention(self, q, k, v, mask=None):
-        """The same maths through PyTorch's fused kernel (flash attention where available)."""
+        """The same maths through PyTorch's fused kernel (flash attention where available), the shared
+        key/value heads read in place (enable_gqa) rather than repeated."""
         dropout = self.dropout if self.training else 0.0
         T, S = q.size(2), k.size(2)
+        sdpa = partial(F.scaled_dot_product_attention, dropout_p=dropout, enable_gqa=k.size(1) < q.size(1))
         if mask is not None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            return sdpa(q, k, v, attn_mask=mask)
         if T == S:  # no cache: the kernel's own causal mask
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            return sdpa(q, k, v, is_causal=True)
         if T == 1:  # one new token sees every cached key: no mask needed
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, S, q.device), dropout_p=dropout)
+            return sdpa(q, k, v)
+        return sdpa(q, k, v, attn_mask=causal_mask(T, S, q.device))
 
 
 ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU,

@@ -45,7 +45,8 @@ class MemoryEstimate:
 
 def block_floats(config, tokens):
     """Floats one block keeps for backward over `tokens` tokens: the norms' inputs and outputs, Q, K
-    and V (K and V repeated for the heads that share them), the attention output, and the
+    and V (K and V repeated for the heads that share them, as the explicit attention keeps them; the
+    fused kernel reads them in place, so there it is an upper bound), the attention output, and the
     feed-forward's hidden layers (three for a plain one, five for a gated one)."""
     C, q = config.n_embd, config.n_head * config.head_dim
     attention = 4 * C + 3 * q + 2 * config.n_kv_head * config.head_dim + 2 * q
