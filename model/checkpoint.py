@@ -361,7 +361,8 @@ def open_model(source, device="cpu", quiet=False, dtype=None):
     path = find_checkpoint(source.out_dir, source.ckpt)
     if not quiet:
         print(f"checkpoint: {path}", file=sys.stderr)
-    ckpt = load_checkpoint(path, mmap=True)
+    ckpt = load_checkpoint(path, mmap=dtype in (None, "float32"))  # mapped when its tensors are kept as they are:
+    # converted, each float32 tensor is let go as soon as it is (a mapping would hold the file until the end)
     model = model_from_checkpoint(ckpt, device, source.allow_changed_base)
     model = merge_adapters(model).eval()  # adapters folded in: as fast as any
     tokenizer = tokenizer_from_checkpoint(ckpt, source.meta, path)

@@ -46,7 +46,8 @@ def kernel(args):
     key = (*w.shape, w.dtype, bool(scale))
     if key not in kernels:
         from torch.fx.experimental.proxy_tensor import make_fx
-        graph = make_fx(lambda *a: (matvec(a[0], a[1], a[2] if len(a) > 2 else None),))(*args)
+        # traced on fake tensors: real ones would make the (1, N, K) product whole, a copy of W in float32
+        graph = make_fx(lambda *a: (matvec(a[0], a[1], a[2] if len(a) > 2 else None),), tracing_mode="fake")(*args)
         kernels[key] = torch._inductor.compile(graph, list(args))
     return kernels[key]
 
