@@ -202,8 +202,9 @@ class CausalSelfAttention(nn.Module):
 
     def explicit_attention(self, q, k, v, mask=None):
         """softmax(Q K^T / sqrt(hs) + causal mask) V, written out. q: (B, nh, T, hs), k, v: (B, nkv, past + T, hs)."""
-        if k.size(1) < q.size(1):  # grouped-query attention: each key/value head serves nh // nkv query heads
-            k, v = k.repeat_interleave(q.size(1) // k.size(1), dim=1), v.repeat_interleave(q.size(1) // k.size(1), dim=1)
+        nh, nkv = q.size(1), k.size(1)
+        if nkv < nh:  # grouped-query attention: each key/value head serves nh // nkv query heads
+            k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
         T, S = q.size(2), k.size(2)
         scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, S)
         mask = causal_mask(T, S, q.device) if mask is None else mask
