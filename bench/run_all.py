@@ -1,5 +1,6 @@
 """Every benchmark but the nanoGPT comparison (which needs a nanoGPT checkout), one after the
-other (about 4 minutes on a 2-core CPU):
+other (about 20 minutes on a 2-core CPU, 15 of them the llama.cpp comparison, which also writes
+about 7 GB of model files into bench/out/vs_llamacpp/ the first time):
 
     python bench/run_all.py
 
@@ -11,7 +12,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["train_speed.py", "loop_overhead.py", "sample_speed.py", "sort_time.py", "thread_forward.py", "serve.py"]
+SCRIPTS = ["train_speed.py", "loop_overhead.py", "sample_speed.py", "sort_time.py", "thread_forward.py", "serve.py",
+           "vs_llamacpp.py"]
 
 
 def main():

@@ -11,9 +11,9 @@ Hugging Face folder's chat template) and reference (the frozen start of preferen
 
 import hashlib
 import os
-import zipfile
 import pickle
 import sys
+import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
