@@ -7,10 +7,11 @@ worker processes, ours (open_model, decoding through the engine as sample.py doe
 (llama-cpp-python, its C API: eval a token, take the argmax of its logits), take turns in each
 round, each opening its file once per precision: float32 / f32, bfloat16 / bf16, int8 / q8_0.
 Measured for each: batch-1 greedy decoding of 200 tokens after a 16-token prompt, tokens/s; the
-prefill of a 512-token prompt, tokens/s; how many of the 200 tokens are the same in both; and the
-read roofline: the weights a token reads, over the memory read speed measured by torch in the
-same run. Peak RSS when opening (our checkpoint and the folder, each in a fresh process) against
-the weights' size and torch's own baseline.
+prefill of a 512-token prompt, tokens/s; how many of the 200 tokens are the same in both, and how
+many of ours are those of our float32 weights; and the read roofline: the weights a token reads,
+over the memory read speed measured by torch in the same run. Peak RSS when opening (our
+checkpoint and the folder, each in a fresh process) against the weights' size and torch's own
+baseline.
 
     python bench/vs_llamacpp.py [--shapes gpt2,qwen] [--rounds 2]   # needs the dev and gguf extras
 """
@@ -226,7 +227,7 @@ def compare(shape, folder, rounds):
     vocab = SHAPES[shape]["vocab_size"]
     prompt = torch.randint(vocab, (PROMPT,), generator=g).tolist()
     long = torch.randint(vocab, (PREFILL,), generator=g).tolist()
-    rows = []
+    rows, exact = [], None  # exact: our float32 tokens, which the other precisions are held to
     try:
         for precision, outtype, nbytes in PRECISIONS:
             ours("load", str(folder / "ckpt.pt"), precision)
@@ -244,12 +245,15 @@ def compare(shape, folder, rounds):
             bandwidth = statistics.median(r[4] for r in runs)
             same = sum(a == b for a, b in zip(runs[0][0]["result"], runs[0][1]["result"]))
             first = next((i for i, (a, b) in enumerate(zip(runs[0][0]["result"], runs[0][1]["result"])) if a != b), None)
+            exact = exact or runs[0][0]["result"]
+            ours_same = sum(a == b for a, b in zip(runs[0][0]["result"], exact))
             roofline = bandwidth * 1e9 / weights_read(shape, nbytes)
             row = {"shape": shape, "precision": f"{precision} / {outtype}",
                    "ours_tok_s": NEW_TOKENS / med(0), "llama_tok_s": NEW_TOKENS / med(1),
                    "ours_prefill_tok_s": PREFILL / med(2), "llama_prefill_tok_s": PREFILL / med(3),
                    "roofline_tok_s": roofline, "same_tokens": f"{same}/{NEW_TOKENS}" + (
-                       f" (first differs at {first})" if first is not None else "")}
+                       f" (first differs at {first})" if first is not None else ""),
+                   "ours_same_as_float32": f"{ours_same}/{NEW_TOKENS}"}
             row["decode_ratio"] = row["ours_tok_s"] / row["llama_tok_s"]
             row["prefill_ratio"] = row["ours_prefill_tok_s"] / row["llama_prefill_tok_s"]
             row["ours_of_roofline"] = row["ours_tok_s"] / roofline
@@ -284,7 +288,8 @@ def main():
             memory += memory_rows(folder, shape)
     write_results("vs_llamacpp", rows, ["shape", "precision", "ours_tok_s", "llama_tok_s", "decode_ratio",
                                         "roofline_tok_s", "ours_of_roofline", "llama_of_roofline",
-                                        "ours_prefill_tok_s", "llama_prefill_tok_s", "prefill_ratio", "same_tokens"],
+                                        "ours_prefill_tok_s", "llama_prefill_tok_s", "prefill_ratio", "same_tokens",
+                                        "ours_same_as_float32"],
                   f"Batch 1, greedy, {NEW_TOKENS} tokens after a {PROMPT}-token prompt; prefill of {PREFILL} tokens; "
                   f"{THREADS} threads each; medians of {args.rounds} rounds, ours and llama.cpp taking turns. "
                   f"Roofline: the weights one token reads over torch's read speed in the same run "
