@@ -541,7 +541,8 @@ class Engine:
         ids = torch.tensor([w + [0] * (T - len(w)) for w in windows], device=self.device)
         last = torch.tensor([len(w) - 1 for w in windows], device=self.device)
         scoring = [r.rules.prompt_logprobs is not None and not r.tokens for r in self.rows[a:b]]  # a prompt read first
-        logits, _ = self.model(ids, kv_cache=self.cache, last=None if any(scoring) else last)
+        every = any(scoring)  # every position's logits are needed, else only each row's last
+        logits, _ = self.model(ids, kv_cache=self.cache, last=None if every else last)
         for row, w in zip(range(a, b), windows):
             self.cache.lengths[row] = len(w)
         for i, (request, w) in enumerate(zip(self.rows[a:b], windows)):
@@ -549,9 +550,7 @@ class Engine:
                 ahead = scored(logits[i, :len(w) - 1], torch.tensor(w[1:], device=self.device),
                                request.rules.prompt_logprobs)
                 request.prompt_logprobs = [None] * (request.start + 1) + ahead  # the window's first predicts nothing
-        if not any(scoring):
-            last = torch.zeros_like(last)  # the logits are the last positions' already
-        self.advance(logits[torch.arange(b - a, device=self.device), last], range(a, b))
+        self.advance(logits[torch.arange(b - a, device=self.device), last] if every else logits[:, 0], range(a, b))
 
     def step(self, n):
         """One token for each of the first n rows at once: each feeds its newest token."""

@@ -325,11 +325,11 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, last=None):
         """idx: (B, T) token ids -> logits (B, T, vocab_size) and the mean cross-entropy over
         targets (B, T) that are not -1 (None without targets). last (B,): each row's last position;
-        only its logits are computed, (B, 1, vocab_size) (reading a prompt needs no others). With a kv_cache (model/engine.py),
-        idx holds only the tokens after the cached ones and they take the positions after them (a
-        ragged cache: each row's own, so pos is (B, T) and each row's position embedding its own
-        (B, T, C)). Training with gradient checkpointing, the logits are None: the loss is computed
-        256 tokens at a time, so the (B, T, vocab_size) logits never exist whole."""
+        only its logits are computed, (B, 1, vocab_size) (reading a prompt needs no others). With a
+        kv_cache (model/engine.py), idx holds only the tokens after the cached ones and they take the
+        positions after them (a ragged cache: each row's own, so pos is (B, T) and each row's position
+        embedding its own (B, T, C)). Training with gradient checkpointing, the logits are None: the
+        loss is computed 256 tokens at a time, so the (B, T, vocab_size) logits never exist whole."""
         self._check_input(idx, kv_cache)
         B, T = idx.size()
         if kv_cache is None:
