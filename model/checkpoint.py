@@ -14,6 +14,7 @@ import os
 import pickle
 import sys
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
@@ -218,15 +219,30 @@ def load_checkpoint(path, mmap=False):
 
 # ---- the model a checkpoint holds ---------------------------------------------------------
 
+@contextmanager
+def without_initial_values():
+    """Modules built in this block get torch.empty's memory, not drawn values (torch.nn.init's functions do
+    nothing here, as transformers' no_init_weights): a checkpoint's tensors replace every parameter at once,
+    so drawing would cost time and touch memory no one reads."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
 def model_from_checkpoint(ckpt, device="cpu", allow_changed_base=False, **overrides):
     """The GPT a checkpoint describes, with its weights; an adapter checkpoint's (LoRA) with its
     base's weights and its adapters, the adapters (and what else it trained) left trainable.
     model_args that do not fit the weights raise UserError naming the mismatch. `overrides` are
-    GPTConfig fields that do not change the weights (dropout, attention). The model is built with no
-    weights of its own (on the meta device) and takes the checkpoint's tensors as they are: no random
-    weights made only to be overwritten, and float32 weights are not copied (a file opened with mmap
-    stays one copy)."""
-    with torch.device("meta"):
+    GPTConfig fields that do not change the weights (dropout, attention). The model is built without
+    drawing initial values and takes the checkpoint's tensors as they are: no random weights made only
+    to be overwritten, and float32 weights are not copied (a file opened with mmap stays one copy)."""
+    with without_initial_values():
         model = GPT(replace(ckpt.model_config, **overrides))
         if ckpt.lora:
             add_adapters(model, ckpt.lora)
@@ -244,10 +260,6 @@ def model_from_checkpoint(ckpt, device="cpu", allow_changed_base=False, **overri
         raise UserError(f"{what} not match its weights: {' '.join(lines)[:400]}") from None
     if model.config.head == "tied":  # assigned one by one, the two names became two tensors: one again
         model.transformer.wte.weight = model.lm_head.weight
-    for module in model.modules():  # buffers no checkpoint holds (the position codes' anchors) are made here
-        for name, buffer in module.named_buffers(recurse=False):
-            if buffer.is_meta:
-                setattr(module, name, torch.zeros(buffer.shape, dtype=torch.float32))
     if ckpt.lora:
         for name, p in model.named_parameters():
             p.requires_grad_(name in ckpt.model)
