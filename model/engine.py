@@ -451,7 +451,9 @@ class Engine:
             while True:
                 with self.changed:
                     while not (self.stopped or self.rows or self.waiting):
-                        self.changed.wait()
+                        # a timeout, so an idle main thread still sees a Ctrl-C the system gave another thread
+                        # (Python runs signal handlers in the main thread only, between bytecodes)
+                        self.changed.wait(timeout=0.5)
                     if self.stopped:
                         return
                     joining = self.take_waiting()

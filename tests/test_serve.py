@@ -620,3 +620,25 @@ def test_sampling_and_serving_never_import_the_training_loop():
             "print(sorted(m for m in sys.modules if m in ('model.trainer', 'model.start', 'model.memory')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_ctrl_c_delivered_to_another_thread_still_stops_an_idle_server(tmp_path):
+    """Bug: the engine's main thread waiting for requests with no timeout never ran Python's SIGINT handler when
+    the system delivered Ctrl-C to the HTTP thread (seen once under load: the server never exited)."""
+    script = tmp_path / "idle.py"
+    script.write_text(
+        "import signal, sys, threading, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from model.engine import Engine\n"
+        "from model.gpt import GPT, GPTConfig\n"
+        "engine = Engine(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, vocab_size=5, block_size=4)).eval())\n"
+        "def other():\n"
+        "    time.sleep(0.5)\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # to this thread, not the main one\n"
+        "threading.Thread(target=other, daemon=True).start()\n"
+        "try:\n"
+        "    engine.run()\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n")
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, timeout=30, capture_output=True, text=True)
+    assert done.returncode == 130, done.stderr
