@@ -177,12 +177,11 @@ def status_mb(field):
 
 
 def open_memory(path, precision):
-    """In a fresh process: RSS before opening (torch, its compiler and our modules started), the peak through opening
-    and writing one token (a mapped file's pages count once they are read), and the bytes of the
-    tensors the opened model holds."""
+    """In a fresh process: RSS before opening (torch, its compiler and our modules started), the peak
+    through opening and writing one token (a mapped file's pages count once they are read), and the
+    bytes of the tensors the opened model holds."""
     from model.checkpoint import open_model
-    from model.engine import complete
-    from model.engine import Rules
+    from model.engine import Rules, complete
     from model.quantize import COMPILED_FROM, few_rows
     few_rows(torch.ones(1, 1024), torch.ones(COMPILED_FROM // 1024, 1024), None)  # torch and its compiler started
     before = status_mb("VmRSS")
@@ -243,16 +242,16 @@ def compare(shape, folder, rounds):
                 runs.append((mine, other, fill_mine, fill_other, bandwidth))
             med = lambda i: statistics.median(r[i]["seconds"] for r in runs)  # noqa: E731
             bandwidth = statistics.median(r[4] for r in runs)
-            same = sum(a == b for a, b in zip(runs[0][0]["result"], runs[0][1]["result"]))
-            first = next((i for i, (a, b) in enumerate(zip(runs[0][0]["result"], runs[0][1]["result"])) if a != b), None)
-            exact = exact or runs[0][0]["result"]
-            ours_same = sum(a == b for a, b in zip(runs[0][0]["result"], exact))
+            mine, other = runs[0][0]["result"], runs[0][1]["result"]
+            differ = [i for i, (a, b) in enumerate(zip(mine, other)) if a != b]
+            exact = exact or mine
+            ours_same = sum(a == b for a, b in zip(mine, exact))
             roofline = bandwidth * 1e9 / weights_read(shape, nbytes)
             row = {"shape": shape, "precision": f"{precision} / {outtype}",
                    "ours_tok_s": NEW_TOKENS / med(0), "llama_tok_s": NEW_TOKENS / med(1),
                    "ours_prefill_tok_s": PREFILL / med(2), "llama_prefill_tok_s": PREFILL / med(3),
-                   "roofline_tok_s": roofline, "same_tokens": f"{same}/{NEW_TOKENS}" + (
-                       f" (first differs at {first})" if first is not None else ""),
+                   "roofline_tok_s": roofline, "same_tokens": f"{NEW_TOKENS - len(differ)}/{NEW_TOKENS}" + (
+                       f" (first differs at {differ[0]})" if differ else ""),
                    "ours_same_as_float32": f"{ours_same}/{NEW_TOKENS}"}
             row["decode_ratio"] = row["ours_tok_s"] / row["llama_tok_s"]
             row["prefill_ratio"] = row["ours_prefill_tok_s"] / row["llama_prefill_tok_s"]
@@ -298,8 +297,9 @@ def main():
     if memory:
         write_results("vs_llamacpp_memory", memory, ["shape", "source", "dtype", "baseline_mb", "peak_mb",
                                                      "weights_mb", "peak_over_baseline"],
-                      "Peak RSS through opening (open_model) and writing one token, in a fresh process each; baseline: torch, "
-                      "its compiler (one kernel built) and our modules started; peak_over_baseline: (peak - baseline) / the opened model's weights.")
+                      "Peak RSS through opening (open_model) and writing one token, in a fresh process each; "
+                      "baseline: torch, its compiler (one kernel built) and our modules started; peak_over_baseline: "
+                      "(peak - baseline) / the opened model's weights.")
     return 0
 
 
